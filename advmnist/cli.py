@@ -1,0 +1,134 @@
+"""The `advmnist` command: a thin layer that parses options, calls one library function, prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import AdvmnistError
+
+
+class _Group(click.Group):
+    """Turns library errors into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AdvmnistError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no partial files were kept", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="advmnist")
+def main() -> None:
+    """Train the classic MNIST networks, attack them in pixel space, and measure and show the results."""
+
+
+data_dir_option = click.option("--data-dir", type=click.Path(), default=None, envvar="ADVMNIST_DATA",
+                               help="MNIST IDX files (default: the copy shipped with advmnist).")
+out_option = click.option("--out", type=click.Path(), default="runs", show_default=True,
+                          help="Directory of run directories.")
+
+
+def _load_data(data_dir: str | None, device=None, limit_train: int | None = None,
+               limit_test: int | None = None):
+    from .data import load_mnist
+
+    data = load_mnist(data_dir)
+    if limit_train or limit_test:
+        data = data.subset(limit_train or None, limit_test or None)
+    return data.to(device) if device is not None else data
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the model zoo: name, parameters, report, reported accuracy, default recipe."""
+    from .models import count_parameters, create_model, get_spec, list_models
+
+    click.echo(f"{'name':<12} {'params':>9}  report  {'acc %':>6}  recipe")
+    for name in list_models():
+        spec = get_spec(name)
+        click.echo(f"{name:<12} {count_parameters(create_model(name)):>9,}  {spec.report:>6}  "
+                   f"{spec.reported_accuracy:>6.2f}  {spec.recipe}")
+        click.echo(f"{'':<12} {spec.summary}")
+
+
+@main.command("train")
+@click.option("--model", "model_name", default="improved-bn", show_default=True, help="Zoo model name.")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
+@click.option("--lr", type=float, default=None, help="Override the learning rate.")
+@click.option("--momentum", type=float, default=None, help="Override SGD momentum.")
+@click.option("--dropout", type=float, default=None, help="Override the dropout probability.")
+@click.option("--batch-size", type=int, default=None, help="Override the batch size.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None, help="Override the optimizer.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--limit", type=int, default=None, help="Train on the first N images only (quick runs).")
+@out_option
+@data_dir_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, seed, device, limit, out,
+              data_dir, quiet) -> None:
+    """Train a zoo model with its report's recipe and write a run directory."""
+    from .train import resolve_recipe, train_run
+
+    recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,
+                            batch_size=batch_size, optimizer=optimizer)
+    data = _load_data(data_dir, limit_train=limit)
+    click.echo(f"training {model_name} on {len(data.train_x)} images: {recipe} seed={seed}")
+
+    def on_epoch(s: dict) -> None:
+        click.echo(f"epoch {s['epoch']:>2}  train loss {s['train_loss']:.4f} acc {s['train_accuracy']:6.2f}%"
+                   f"  test loss {s['test_loss']:.4f} acc {s['test_accuracy']:6.2f}%  {s['seconds']:6.1f} s")
+
+    run = train_run(model_name, out=out, seed=seed, device=device, data=data,
+                    progress=not quiet and sys.stderr.isatty(), on_epoch=on_epoch,
+                    epochs=epochs, lr=lr, momentum=momentum, dropout=dropout, batch_size=batch_size,
+                    optimizer=optimizer)
+    from .runs import read_json
+
+    rec = read_json(run / "record.json")
+    click.echo(f"test accuracy {rec['test_accuracy']:.2f}% (report: {rec['reported_accuracy']:.2f}%) "
+               f"in {rec['wall_time_s']:.1f} s")
+    click.echo(f"run: {run}")
+
+
+def _pick_run(run: str | None, model_name: str | None, out: str) -> Path:
+    from .runs import latest_run
+
+    if run is not None:
+        return Path(run)
+    found = latest_run(out, model_name)
+    if found is None:
+        which = model_name or "improved-bn"
+        raise AdvmnistError(f"no trained {model_name or ''}{' ' if model_name else ''}model under {out}/; "
+                            f"run `advmnist train --model {which}` first")
+    return found
+
+
+@main.command("evaluate")
+@click.option("--run", type=click.Path(), default=None, help="Run directory (default: the latest).")
+@click.option("--model", "model_name", default=None, help="Latest run of this model.")
+@click.option("--image", type=int, default=0, show_default=True, help="Test image for the feature maps.")
+@out_option
+@data_dir_option
+def evaluate_cmd(run, model_name, image, out, data_dir) -> None:
+    """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run."""
+    from .evaluation import evaluate_run
+
+    run_dir = _pick_run(run, model_name, out)
+    rec = evaluate_run(run_dir, _load_data(data_dir), image_index=image)
+    click.echo(f"{rec['model']}: test accuracy {rec['accuracy']:.2f}% on {rec['n']} images")
+    click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
+    click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "
+               f"feature_maps.png)")
+
+
+if __name__ == "__main__":
+    main()

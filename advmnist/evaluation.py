@@ -1,0 +1,68 @@
+"""`advmnist evaluate`: accuracy, per-class accuracy, confusion, galleries and feature maps of a run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import pictures, runs
+from .data import MNIST
+from .errors import AdvmnistError
+from .measures import eval_mode, evaluate, predict_logits
+
+
+@torch.no_grad()
+def conv_feature_maps(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output of every Conv2d with a spatial map (>= 3x3) for one image (1, 28, 28), by layer name.
+
+    Convolutions on a 1x1 map (the textbook net's conv3 and conv4) are linear layers in disguise;
+    their maps are single pixels and show nothing, so they are left out.
+    """
+    maps: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out[0]) if out.shape[-1] >= 3 else None)
+             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with eval_mode(model):
+            model(image.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return maps
+
+
+def evaluate_run(run_dir: str | Path, data: MNIST, *, image_index: int = 0, samples: int = 32) -> dict:
+    """Evaluate a finished training run on the test set and write `run_dir/eval/`."""
+    run_dir = Path(run_dir)
+    if not 0 <= image_index < len(data.test_x):
+        raise AdvmnistError(f"--image must be in [0, {len(data.test_x) - 1}], got {image_index}")
+    start = time.perf_counter()
+    model, ckpt = runs.load_checkpoint(run_dir)
+    x, y = data.test_x, data.test_y
+    result = evaluate(model, x, y)
+    probs = predict_logits(model, x).softmax(1)
+    conf, pred = probs.max(1)
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    name = ckpt["model"]
+    pictures.plot_confusion(result["confusion"], out / "confusion.png",
+                            title=f"{name}: confusion on {len(y)} test images ({result['accuracy']:.2f}%)")
+    first = torch.arange(min(samples, len(y)))
+    pictures.prediction_gallery(x[first], y[first].tolist(), pred[first].tolist(), conf[first].tolist(),
+                                out / "samples.png", title=f"{name}: the first {len(first)} test images")
+    wrong = (pred != y).nonzero().flatten()[:samples]
+    pictures.prediction_gallery(x[wrong], y[wrong].tolist(), pred[wrong].tolist(), conf[wrong].tolist(),
+                                out / "wrong.png", title=f"{name}: wrong predictions (true -> predicted)")
+    maps = conv_feature_maps(model, x[image_index])
+    if maps:
+        pictures.feature_maps(maps, x[image_index], out / "feature_maps.png",
+                              title=f"{name}: conv feature maps of test image {image_index} "
+                                    f"(label {y[image_index].item()})")
+    record = {"kind": "evaluate", "run": str(run_dir), "model": name, "checkpoint_sha256": ckpt["sha256"],
+              "data_checksum": data.checksum, **result, "wrong_indices": wrong.tolist(),
+              "feature_map_image": image_index, "wall_time_s": round(time.perf_counter() - start, 2),
+              "provenance": runs.provenance()}
+    runs.write_json(out / "record.json", record)
+    return record

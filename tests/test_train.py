@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from advmnist import runs
+from advmnist.errors import AdvmnistError, CheckpointError
+from advmnist.measures import evaluate
+from advmnist.models import create_model
+from advmnist.train import fit, resolve_recipe, train_run
+
+
+def test_one_epoch_on_a_slice_is_far_above_chance(trained_small, small):
+    model, history = trained_small
+    assert history[0]["test_accuracy"] > 90.0
+    assert evaluate(model, small.test_x, small.test_y)["accuracy"] == pytest.approx(history[0]["test_accuracy"])
+
+
+def test_same_seed_same_weights_other_seed_other_weights(small):
+    data = small.subset(1000, 200)
+    recipe = resolve_recipe("improved-bn", epochs=1)
+
+    def weights(seed):
+        torch.manual_seed(seed)
+        model = create_model("improved-bn")
+        hist = fit(model, data, recipe, seed=seed)
+        return torch.cat([p.flatten() for p in model.state_dict().values() if p.is_floating_point()]), hist
+
+    a, ha = weights(3)
+    b, hb = weights(3)
+    c, _ = weights(4)
+    assert torch.equal(a, b) and ha[0]["train_loss"] == hb[0]["train_loss"]
+    assert not torch.equal(a, c)
+
+
+def test_train_run_writes_a_complete_run_and_checkpoint_round_trips(tmp_path, small):
+    run = train_run("lenet", out=tmp_path, seed=1, data=small.subset(2000, 500), epochs=1, batch_size=64)
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "model.pt", "record.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    record = json.loads((run / "record.json").read_text())
+    assert record["model"] == "lenet" and record["seed"] == 1 and record["recipe"]["batch_size"] == 64
+    assert record["checkpoint_sha256"] == runs.file_sha256(run / "model.pt")
+    assert len(record["history"]) == 1 and record["data_checksum"]
+    raw = torch.load(run / "model.pt", weights_only=True)
+    assert raw["model"] == "lenet"
+    model, meta = runs.load_checkpoint(run)
+    assert evaluate(model, small.test_x[:500], small.test_y[:500])["accuracy"] == pytest.approx(
+        record["test_accuracy"])
+    assert runs.latest_run(tmp_path) == run and runs.latest_run(tmp_path, "mlp") is None
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    model = create_model("lenet")
+    runs.save_checkpoint(tmp_path / "model.pt", model, "lenet", {})
+    with pytest.raises(CheckpointError, match="holds a 'lenet' model, not 'mlp'"):
+        runs.load_checkpoint(tmp_path / "model.pt", expect="mlp")
+    runs.save_checkpoint(tmp_path / "bad.pt", create_model("tutorial"), "lenet", {})
+    with pytest.raises(CheckpointError, match="weights do not fit a 'lenet' model"):
+        runs.load_checkpoint(tmp_path / "bad.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        runs.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, small, monkeypatch):
+    import advmnist.train as train_mod
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.runs, "write_json", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_run("lenet", out=tmp_path, data=small.subset(500, 100), epochs=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_recipe_values_are_refused():
+    with pytest.raises(AdvmnistError, match="learning rate must be positive"):
+        resolve_recipe("lenet", lr=-1.0)
+    with pytest.raises(AdvmnistError, match="has no dropout option"):
+        resolve_recipe("lenet", dropout=0.3)
