@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from .attacks.core import AttackError
 from .errors import AdvmnistError
 
 
@@ -16,7 +17,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except AdvmnistError as exc:
+        except (AdvmnistError, AttackError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -128,6 +129,85 @@ def evaluate_cmd(run, model_name, image, out, data_dir) -> None:
     click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
     click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "
                f"feature_maps.png)")
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+
+
+@main.command("attack")
+@click.option("--method", type=click.Choice(["penalty", "gd", "fgsm", "pgd"]), default="penalty",
+              show_default=True, help="Which attack.")
+@click.option("--run", type=click.Path(), default=None, help="Training run to attack (default: the latest).")
+@click.option("--model", "model_name", default=None, help="Attack the latest run of this model.")
+@click.option("--eta", type=float, default=None, help="penalty: step size (default 0.1).")
+@click.option("--lam", type=float, default=None, help="penalty: weight of the pull towards x_target (default 0.05).")
+@click.option("--steps", type=int, default=None, help="penalty/gd/pgd: number of steps.")
+@click.option("--init", type=click.Choice(["noise", "image"]), default=None, help="penalty: start point.")
+@click.option("--clamp/--no-clamp", default=None, help="penalty: keep iterates in [0, 1] (default on).")
+@click.option("--lr", type=float, default=None, help="gd: step size (default 0.1).")
+@click.option("--eps", callback=_floats, default=None,
+              help="fgsm/pgd: perturbation bound; a comma list sweeps (default 0.3).")
+@click.option("--alpha", type=float, default=None, help="pgd: step size (default 2.5 * eps / steps).")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="pgd: threat model.")
+@click.option("--restarts", type=int, default=None, help="pgd: random restarts, worst case kept per example.")
+@click.option("--random-start/--no-random-start", default=None, help="pgd: start inside the ball (default on).")
+@click.option("--targeted", is_flag=True, help="fgsm/pgd: aim at targets from --target-map.")
+@click.option("--target-map", default="next", show_default=True,
+              help="next, prev, all, or pairs like 0:3,1:7.")
+@click.option("--per-digit", type=int, default=None,
+              help="Attack the first N test images of each digit (penalty/gd default 1).")
+@click.option("--limit", type=int, default=None, help="fgsm/pgd: attack the first N test images (default 1000).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@out_option
+@data_dir_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, alpha, norm, restarts,
+               random_start, targeted, target_map, per_digit, limit, seed, device, out, data_dir, quiet) -> None:
+    """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html."""
+    from .attacking import run_attack
+
+    params = {"eta": eta, "lam": lam, "steps": steps, "init": init, "clamp": clamp, "lr": lr,
+              "alpha": alpha, "norm": norm, "restarts": restarts, "random_start": random_start}
+    if eps is not None and len(eps) == 1:
+        params["eps"], eps = eps[0], None
+        if params["eps"] < 0:
+            raise AdvmnistError(f"eps must be >= 0, got {params['eps']}")
+    run_dir = _pick_run(run, model_name, out)
+    path = run_attack(run_dir, _load_data(data_dir), method, params=params, eps_list=eps, out=out, seed=seed,
+                      per_digit=per_digit, limit=limit, target_map=target_map, targeted=targeted,
+                      device=device, progress=not quiet and sys.stderr.isatty())
+    from .runs import read_json
+
+    rec = read_json(path / "record.json")
+    click.echo(f"{rec['model']['name']} (clean test accuracy {rec['model']['clean_test_accuracy']:.2f}%), "
+               f"{method} on {rec['selection']['n']} examples, {rec['wall_time_s']:.1f} s")
+    click.echo(_summary_table(rec))
+    click.echo(f"wrote {path}/ and {path.parent / 'index.html'}")
+
+
+def _summary_table(rec: dict) -> str:
+    def f(v, spec=".1f"):
+        return "-" if v is None else format(v, spec)
+
+    lines = []
+    for res in rec["results"]:
+        label = ", ".join(f"{k}={v:g}" for k, v in res["sweep_params"].items())
+        if label:
+            lines.append(f"[{label}]")
+        lines.append(f"{'digit':>5} {'n':>5} {'fooled %':>9} {'robust %':>9} {'L2':>6} {'Linf':>6} {'conf':>5}")
+        rows = list(res["per_digit"].items()) + [("all", res["overall"])]
+        for d, s in rows:
+            lines.append(f"{d:>5} {s['n']:>5} {f(s['fooling_rate']):>9} {f(s['robust_accuracy']):>9} "
+                         f"{f(s['l2']['mean'], '.2f'):>6} {f(s['linf']['mean'], '.3f'):>6} "
+                         f"{f(s['confidence']['mean'], '.2f'):>5}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,3 @@ class ModelError(AdvmnistError):
 class CheckpointError(AdvmnistError):
     """A missing checkpoint, or one that holds another architecture."""
 
-
-class AttackError(AdvmnistError):
-    """An unknown attack or an invalid attack parameter (e.g. a negative epsilon)."""

@@ -54,3 +54,62 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         "confusion": confusion_matrix(pred, y).tolist(),
         "n": len(y),
     }
+
+
+def _stats(values: torch.Tensor) -> dict:
+    if values.numel() == 0:
+        return {"mean": None, "median": None, "max": None}
+    v = values.float()
+    return {"mean": v.mean().item(), "median": v.median().item(), "max": v.max().item()}
+
+
+def _rate(num: torch.Tensor, den: torch.Tensor) -> float | None:
+    d = int(den.sum())
+    return 100.0 * int(num.sum()) / d if d else None
+
+
+def attack_measures(model: nn.Module, x_ref: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor,
+                    target: torch.Tensor | None = None, batch_size: int = 1000) -> dict:
+    """Everything a record says about an attack, recomputed from the final images.
+
+    x_ref: the clean images (or each example's x_target), y: their true labels, target: the target
+    labels of a targeted attack. Fooling rate: among the examples the model classified correctly,
+    the share the attack changed (untargeted) or sent to the target (targeted). Robust accuracy:
+    the share still classified as y. `success_8bit`: of the successful images, the share that still
+    succeed after rounding to 8-bit pixels, i.e. once saved as PNG. Distances are from x_ref.
+    """
+    clean_pred = predict_logits(model, x_ref, batch_size).argmax(1)
+    probs = predict_logits(model, x_adv, batch_size).softmax(1)
+    conf, adv_pred = probs.max(1)
+    quantised = torch.round(x_adv.clamp(0, 1) * 255) / 255
+    pred_8bit = predict_logits(model, quantised, batch_size).argmax(1)
+    correct = clean_pred == y
+    if target is None:
+        success, success_8bit = adv_pred != y, pred_8bit != y
+    else:
+        success, success_8bit = adv_pred == target, pred_8bit == target
+    delta = (x_adv - x_ref).flatten(1)
+    l2, linf = delta.norm(dim=1), delta.abs().amax(dim=1)
+
+    def summary(mask: torch.Tensor) -> dict:
+        out = {
+            "n": int(mask.sum()),
+            "clean_accuracy": _rate(correct & mask, mask),
+            "fooling_rate": _rate(success & correct & mask, correct & mask),
+            "robust_accuracy": _rate((adv_pred == y) & mask, mask),
+            "success_8bit": _rate(success_8bit & success & mask, success & mask),
+            "confidence": _stats(conf[mask]),
+            "l2": _stats(l2[mask]),
+            "linf": _stats(linf[mask]),
+        }
+        if target is not None:
+            out["target_success_rate"] = _rate(success & mask, mask)
+        return out
+
+    return {
+        "overall": summary(torch.ones_like(y, dtype=torch.bool)),
+        "per_digit": {str(d): summary(y == d) for d in range(10) if (y == d).any()},
+        "per_example": {"clean_pred": clean_pred.tolist(), "adv_pred": adv_pred.tolist(),
+                        "confidence": conf.tolist(), "success": success.tolist(),
+                        "success_8bit": success_8bit.tolist(), "l2": l2.tolist(), "linf": linf.tolist()},
+    }

@@ -119,6 +119,9 @@ td.l, th.l {{ text-align: left; }}
 section {{ border-top: 2px solid #ddd; padding-top: 0.5em; margin-top: 1.5em; }}
 img {{ max-width: 100%; border: 1px solid #eee; }}
 .thumbs img {{ width: 84px; image-rendering: pixelated; margin: 2px; }}
+.pics {{ display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }}
+figure {{ margin: 0; }}
+figcaption {{ font-weight: bold; font-size: 14px; }}
 code {{ background: #f6f6f6; padding: 1px 4px; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
@@ -127,3 +130,125 @@ code {{ background: #f6f6f6; padding: 1px 4px; }}
 """
     with atomic_path(path) as tmp:
         tmp.write_text(page)
+
+
+def digit_png(image: torch.Tensor, path: str | os.PathLike, scale: int = 10) -> None:
+    """One image as a grey PNG, each pixel a scale x scale block so a person can see it."""
+    arr = np.kron(np.clip(_img(image), 0, 1), np.ones((scale, scale)))
+    with atomic_path(path) as tmp:
+        plt.imsave(tmp, arr, cmap="gray", vmin=0, vmax=1, format="png")
+
+
+def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Rows of (reference image, adversarial image, perturbation on a diverging map).
+
+    Each row dict: ref, adv (tensors), ref_title, adv_title, delta_title.
+    """
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 3, figsize=(6.0, 2.0 * len(rows) + 1.0), squeeze=False,
+                             layout="constrained")
+    bound = max(float((r["adv"] - r["ref"]).abs().max()) for r in rows) or 1.0
+    for ax_row, r in zip(axes, rows):
+        delta = _img(r["adv"]) - _img(r["ref"])
+        ax_row[0].imshow(_img(r["ref"]), cmap="gray", vmin=0, vmax=1)
+        ax_row[1].imshow(_img(r["adv"]), cmap="gray", vmin=0, vmax=1)
+        im = ax_row[2].imshow(delta, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        for ax, key in zip(ax_row, ("ref_title", "adv_title", "delta_title")):
+            ax.set_title(r[key], fontsize=8, color=r.get(key + "_color", "black"))
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(im, ax=axes, location="bottom", shrink=0.6, aspect=35, label="perturbation: adversarial - reference")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def target_matrix(images: dict[tuple[int, int], torch.Tensor], path: str | os.PathLike,
+                  title: str = "") -> None:
+    """Source digit rows x target digit columns; images[(s, t)], the diagonal holds the originals."""
+    fig, axes = plt.subplots(10, 10, figsize=(9, 9.6))
+    for s in range(10):
+        for t in range(10):
+            ax = axes[s, t]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if (s, t) in images:
+                ax.imshow(_img(images[(s, t)]), cmap="gray", vmin=0, vmax=1)
+            if s == 0:
+                ax.set_title(f"as {t}", fontsize=9)
+            if t == 0:
+                ax.set_ylabel(f"{s}", fontsize=9, rotation=0, labelpad=10)
+    if title:
+        fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_sweep(eps: Sequence[float], series: dict[str, Sequence[float]], path: str | os.PathLike,
+               title: str = "", ylabel: str = "robust accuracy (%)") -> None:
+    """Accuracy against epsilon, one line per series."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        ax.plot(eps, values, "o-", label=label)
+    ax.set(xlabel="epsilon", ylabel=ylabel, title=title, ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def attack_index(records: Sequence[tuple[str, dict]], path: str | os.PathLike) -> None:
+    """index.html over every attack run: a summary table, then each run's galleries and plots.
+
+    records: (directory name relative to the index, record) pairs, newest first.
+    """
+    e = html.escape
+    head = ("<tr><th class=l>run</th><th class=l>model</th><th class=l>attack</th><th class=l>parameters</th>"
+            "<th>n</th><th>clean acc. (test set)</th><th>fooling rate</th><th>robust acc.</th>"
+            "<th>mean L2</th><th>mean Linf</th><th>still fools as PNG</th></tr>")
+    rows, sections = [], []
+    for rel, rec in records:
+        for res in rec["results"]:
+            o = res["overall"]
+            params = ", ".join(f"{k}={v}" for k, v in res["params"].items() if v is not None)
+            rows.append(
+                f"<tr><td class=l><a href='#{e(rel)}'>{e(rel)}</a></td><td class=l>{e(rec['model']['name'])}</td>"
+                f"<td class=l>{e(rec['method'])}</td><td class=l><code>{e(params)}</code></td><td>{o['n']}</td>"
+                f"<td>{_fmt(rec['model']['clean_test_accuracy'], '.2f')}</td><td>{_fmt(o['fooling_rate'])}</td>"
+                f"<td>{_fmt(o['robust_accuracy'])}</td><td>{_fmt(o['l2']['mean'], '.2f')}</td>"
+                f"<td>{_fmt(o['linf']['mean'], '.3f')}</td><td>{_fmt(o['success_8bit'])}</td></tr>")
+        pics = []
+        for res in rec["results"]:
+            files = res["files"]
+            label = ", ".join(f"{k}={v}" for k, v in res["sweep_params"].items())
+            g = files.get("gallery")
+            gallery = f"<a href='{e(rel)}/{e(g)}'><img src='{e(rel)}/{e(g)}' style='width:300px'></a>" if g else ""
+            thumbs = "".join(f"<a href='{e(rel)}/{e(p)}'><img src='{e(rel)}/{e(p)}' title='{e(p)}'></a>"
+                             for p in files.get("digits", [])[:30])
+            pics.append(f"<figure><figcaption>{e(label)}</figcaption>{gallery}"
+                        f"<div class=thumbs style='max-width:300px'>{thumbs}</div></figure>")
+        for key in ("sweep_plot", "matrix"):
+            if rec.get("files", {}).get(key):
+                f = rec["files"][key]
+                pics.insert(0, f"<figure><a href='{e(rel)}/{e(f)}'><img src='{e(rel)}/{e(f)}' "
+                               f"style='width:480px'></a></figure>")
+        digits = rec["results"][-1]["per_digit"]
+        digit_rows = "".join(
+            f"<tr><td>{d}</td><td>{s['n']}</td><td>{_fmt(s['fooling_rate'])}</td><td>{_fmt(s['robust_accuracy'])}</td>"
+            f"<td>{_fmt(s['l2']['mean'], '.2f')}</td><td>{_fmt(s['confidence']['mean'], '.2f')}</td></tr>"
+            for d, s in digits.items())
+        last = ", ".join(f"{k}={v}" for k, v in rec["results"][-1]["sweep_params"].items()) or "all"
+        sections.append(
+            f"<section id='{e(rel)}'><h2>{e(rel)}</h2><p>{e(rec['model']['name'])} "
+            f"(checkpoint <code>{e(rec['model']['checkpoint_sha256'][:12])}</code>), {e(rec['method'])}, "
+            f"seed {rec['seed']}, {rec['wall_time_s']:.1f} s. <a href='{e(rel)}/record.json'>record.json</a></p>"
+            f"<div class=pics>{''.join(pics)}</div><h3>per digit ({e(last)})</h3>"
+            f"<table><tr><th>digit</th><th>n</th><th>fooling rate</th><th>robust acc.</th><th>mean L2</th>"
+            f"<th>mean confidence</th></tr>{digit_rows}</table></section>")
+    body = (f"<p>{len(records)} attack run(s). Rates in %. Fooling rate: of the examples the model "
+            f"classified correctly, the share the attack fooled (targeted attacks: sent to the target).</p>"
+            f"<table>{head}{''.join(rows)}</table>{''.join(sections)}")
+    write_html(path, "advmnist attack runs", body)

@@ -69,3 +69,58 @@ def test_corrupt_data_dir_exit_2(tmp_path):
         (tmp_path / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x01\x07")
     result = CliRunner().invoke(main, ["train", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2 and "checksum mismatch" in result.output
+
+
+def test_attack_without_a_trained_model_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(main, ["attack", "--method", "penalty", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "run `advmnist train --model improved-bn` first" in result.output
+
+
+def test_penalty_attack_writes_record_pngs_gallery_and_index(trained_run):
+    out, _ = trained_run
+    result = CliRunner().invoke(main, ["attack", "--method", "penalty", "--eta", "0.1", "--lam", "0.05",
+                                       "--steps", "300", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "fooled %" in result.output and "all" in result.output
+    attacks = out / "attacks"
+    (run,) = [d for d in attacks.iterdir() if d.is_dir() and "-penalty-" in d.name]
+    record = json.loads((run / "record.json").read_text())
+    assert record["method"] == "penalty" and record["selection"]["n"] == 10
+    assert record["model"]["checkpoint_sha256"] == runs.file_sha256(runs.latest_run(out) / "model.pt")
+    res = record["results"][0]
+    assert res["params"] == {"eta": 0.1, "lam": 0.05, "steps": 300, "init": "noise", "clamp": True}
+    assert res["overall"]["target_success_rate"] >= 70
+    for d in range(10):
+        assert (run / f"digit_{d}_as_{(d + 1) % 10}.png").stat().st_size > 500
+    assert (run / "gallery.png").stat().st_size > 5000
+    page = (attacks / "index.html").read_text()
+    assert run.name in page and "gallery.png" in page and "penalty" in page
+
+
+def test_pgd_sweep_draws_robust_accuracy_against_eps(trained_run):
+    out, _ = trained_run
+    result = CliRunner().invoke(main, ["attack", "--method", "pgd", "--eps", "0.05,0.3", "--steps", "10",
+                                       "--limit", "100", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (run,) = [d for d in (out / "attacks").iterdir() if d.is_dir() and "-pgd-" in d.name]
+    record = json.loads((run / "record.json").read_text())
+    low, high = record["results"]
+    assert low["sweep_params"] == {"eps": 0.05} and high["sweep_params"] == {"eps": 0.3}
+    assert high["overall"]["robust_accuracy"] < low["overall"]["robust_accuracy"]
+    assert high["overall"]["linf"]["max"] <= 0.3 + 1e-6
+    assert (run / "robust_vs_eps.png").is_file() and (run / "eps0.3" / "gallery.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["attack", "--method", "fgsm", "--eps", "-0.1"], "eps must be >= 0"),
+    (["attack", "--method", "pgd", "--eps", "0.1,-0.2"], "eps must be >= 0"),
+    (["attack", "--method", "pgd", "--lam", "0.1"], "attack 'pgd' takes no option 'lam'"),
+    (["attack", "--method", "penalty", "--target-map", "3-4"], "target map"),
+])
+def test_attack_error_paths(trained_run, args, message):
+    out, _ = trained_run
+    result = CliRunner().invoke(main, args + ["--out", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not [p for p in (out / "attacks").glob(".partial-*")]

@@ -1,0 +1,233 @@
+"""`advmnist attack`: choose test images and targets, run an attack, measure, write record and pictures.
+
+A run lands in `<out>/attacks/<model>-<method>-<time>-s<seed>/` with `record.json`, one upscaled PNG
+per (digit, label) pair, a gallery PNG per result and, for sweeps, robust accuracy against eps.
+`<out>/attacks/index.html` is rewritten after every run and lists them all.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import pictures, runs
+from .attacks import AttackError, get_attack
+from .data import MNIST
+from .measures import attack_measures, eval_mode, evaluate
+from .train import pick_device
+
+ATTACKS_DIR = "attacks"
+
+
+def parse_target_map(spec: str) -> Callable[[int], list[int]]:
+    """'next' (d -> d+1), 'prev' (d -> d-1), 'all' (every other digit) or pairs '0:3,1:7'."""
+    spec = spec.strip().lower()
+    if spec == "next":
+        return lambda s: [(s + 1) % 10]
+    if spec == "prev":
+        return lambda s: [(s - 1) % 10]
+    if spec == "all":
+        return lambda s: [t for t in range(10) if t != s]
+    pairs: dict[int, list[int]] = {}
+    try:
+        for item in spec.split(","):
+            s, t = (int(v) for v in item.split(":"))
+            if not (0 <= s <= 9 and 0 <= t <= 9):
+                raise ValueError
+            pairs.setdefault(s, []).append(t)
+    except ValueError:
+        raise AttackError(f"target map {spec!r}: use next, prev, all or pairs like 0:3,1:7") from None
+    return lambda s: pairs.get(s, [])
+
+
+def select_examples(data: MNIST, *, per_digit: int | None = None, limit: int | None = None) -> torch.Tensor:
+    """Indices into the test set: the first `per_digit` images of each digit, or the first `limit`."""
+    if per_digit is not None:
+        if per_digit < 1:
+            raise AttackError(f"--per-digit must be >= 1, got {per_digit}")
+        return torch.cat([(data.test_y == d).nonzero().flatten()[:per_digit] for d in range(10)])
+    n = len(data.test_y) if not limit else min(limit, len(data.test_y))
+    if n < 1:
+        raise AttackError("--limit must be >= 1")
+    return torch.arange(n, device=data.test_y.device)
+
+
+def _expand(idx: torch.Tensor, labels: torch.Tensor, mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, targets = [], []
+    for i, s in zip(idx.tolist(), labels.tolist()):
+        for t in mapping(s):
+            rows.append(i)
+            targets.append(t)
+    if not rows:
+        raise AttackError("the target map gives no target for the chosen digits")
+    return torch.tensor(rows, device=idx.device), torch.tensor(targets, device=idx.device)
+
+
+def _shown(res: dict, y: torch.Tensor, target: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(example, source, label) for the per-digit PNGs: the first example of each pair."""
+    ex = res["per_example"]
+    chosen, seen = [], set()
+    if target is not None:
+        for i, (s, t) in enumerate(zip(y.tolist(), target.tolist())):
+            if (s, t) not in seen:
+                seen.add((s, t))
+                chosen.append((i, s, t))
+        return chosen
+    for d in range(10):
+        cands = [i for i, s in enumerate(y.tolist()) if s == d and ex["clean_pred"][i] == d]
+        if not cands:
+            continue
+        fooled = [i for i in cands if ex["success"][i]]
+        i = (fooled or cands)[0]
+        chosen.append((i, d, ex["adv_pred"][i]))
+    return chosen
+
+
+def _write_pictures(folder: Path, prefix: str, x_ref, x_adv, y, target, res: dict, method: str,
+                    title: str) -> dict:
+    ex = res["per_example"]
+    digits, gallery_rows, firsts = [], [], set()
+    for i, s, label in _shown(res, y, target):
+        name = f"{prefix}digit_{s}_as_{label}.png"
+        pictures.digit_png(x_adv[i], folder / name)
+        digits.append(name)
+        if s in firsts:
+            continue
+        firsts.add(s)
+        ref_name = "x_target" if method == "penalty" else "clean"
+        t_text = f"target {target[i].item()}: " if target is not None else ""
+        gallery_rows.append({
+            "ref": x_ref[i], "adv": x_adv[i],
+            "ref_title": f"{ref_name}: true {s}, pred {ex['clean_pred'][i]}",
+            "adv_title": f"{t_text}pred {ex['adv_pred'][i]} ({ex['confidence'][i]:.0%})",
+            "adv_title_color": "crimson" if ex["success"][i] else "black",
+            "delta_title": f"L2 {ex['l2'][i]:.2f}  Linf {ex['linf'][i]:.2f}",
+        })
+    gallery = f"{prefix}gallery.png"
+    pictures.attack_gallery(gallery_rows, folder / gallery, title=title)
+    return {"gallery": gallery, "digits": digits}
+
+
+def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | None = None,
+               eps_list: list[float] | None = None, out: str | Path = "runs", seed: int = 0,
+               per_digit: int | None = None, limit: int | None = None, target_map: str = "next",
+               targeted: bool = False, device: str = "auto", progress: bool = False,
+               keep_examples: int = 200) -> Path:
+    """Attack the model of a training run and write an attack run directory; returns its path."""
+    spec = get_attack(method)
+    params = {k: v for k, v in (params or {}).items() if v is not None}
+    accepted = spec.defaults()
+    for key in params:
+        if key not in accepted or key in ("generator", "callback", "targeted"):
+            raise AttackError(f"attack {method!r} takes no option {key!r}")
+    if eps_list and "eps" not in accepted:
+        raise AttackError(f"attack {method!r} takes no --eps")
+    for eps in eps_list or []:
+        if eps < 0:
+            raise AttackError(f"eps must be >= 0, got {eps}")
+    targeted = targeted or spec.always_targeted
+    if spec.always_targeted and per_digit is None and not limit:
+        per_digit = 1
+    if not spec.always_targeted and per_digit is None and limit is None:
+        limit = 1000
+
+    start = time.perf_counter()
+    dev = pick_device(device)
+    model, ckpt = runs.load_checkpoint(run_dir, map_location=dev)
+    data = data.to(dev)
+    clean = evaluate(model, data.test_x, data.test_y)["accuracy"]
+    idx = select_examples(data, per_digit=per_digit, limit=limit)
+    target = None
+    if targeted:
+        idx, target = _expand(idx, data.test_y[idx], parse_target_map(target_map))
+    x, y = data.test_x[idx], data.test_y[idx]
+    attack_y = target if targeted else y
+
+    sweep = [{"eps": e} for e in eps_list] if eps_list else [{}]
+    steps_total = int(params.get("steps", accepted.get("steps", 0)) or 0) * int(params.get("restarts", 1))
+    name = runs.new_run_name(ckpt["model"], seed, tag=f"-{method}")
+    root = Path(out) / ATTACKS_DIR
+    results = []
+    with runs.run_directory(root, name) as folder, eval_mode(model):
+        for point in sweep:
+            kwargs = {**params, **point}
+            if "targeted" in accepted:
+                kwargs["targeted"] = targeted
+            if "generator" in accepted:
+                kwargs["generator"] = torch.Generator().manual_seed(seed)
+            label = ", ".join(f"{k}={v:g}" for k, v in point.items())
+            t0 = time.perf_counter()
+            with tqdm(total=steps_total, desc=f"{method} {label}".strip(), unit="step",
+                      disable=not progress or not steps_total or "callback" not in accepted, leave=False) as bar:
+                if "callback" in accepted:
+                    kwargs["callback"] = lambda step, _x: bar.update(1)
+                x_adv = spec.fn(model, x, attack_y, **kwargs)
+            seconds = time.perf_counter() - t0
+            res = attack_measures(model, x, y, x_adv, target)
+            prefix = ""
+            if len(sweep) > 1:
+                prefix = "_".join(f"{k}{v:g}" for k, v in point.items()) + "/"
+                (folder / prefix).mkdir(exist_ok=True)
+            title = (f"{ckpt['model']} / {' '.join([method, label]).strip()}: fooling rate "
+                     f"{pictures._fmt(res['overall']['fooling_rate'])}%")
+            files = _write_pictures(folder, prefix, x, x_adv, y, target, res, method, title)
+            torch.save({"indices": idx.cpu(), "target": None if target is None else target.cpu(),
+                        "x_adv": x_adv.cpu()}, folder / f"{prefix}adversarial.pt")
+            per_example = res.pop("per_example")
+            if len(idx) <= keep_examples:
+                res["examples"] = {"test_index": idx.tolist(), "true": y.tolist(),
+                                   "target": None if target is None else target.tolist(), **per_example}
+            used = {k: v for k, v in {**accepted, **kwargs}.items() if k not in ("generator", "callback")}
+            results.append({"params": used, "sweep_params": point, **res, "files": files,
+                            "seconds": round(seconds, 3)})
+        record_files = {}
+        if len(sweep) > 1:
+            eps = [p["eps"] for p in sweep]
+            pictures.plot_sweep(eps, {"robust accuracy": [r["overall"]["robust_accuracy"] for r in results],
+                                      "fooling rate": [r["overall"]["fooling_rate"] for r in results]},
+                                folder / "robust_vs_eps.png", title=f"{ckpt['model']} under {method}",
+                                ylabel="%")
+            record_files["sweep_plot"] = "robust_vs_eps.png"
+        if targeted and target_map.strip().lower() == "all" and len(sweep) == 1:
+            images = {}
+            for i, (s, t) in enumerate(zip(y.tolist(), target.tolist())):
+                images.setdefault((s, s), x[i])
+                images.setdefault((s, t), x_adv[i])
+            pictures.target_matrix(images, folder / "matrix.png",
+                                   title=f"{ckpt['model']} / {method}: row digit, made to read as column")
+            record_files["matrix"] = "matrix.png"
+        record = {
+            "kind": "attack", "method": method, "name": name,
+            "model": {"name": ckpt["model"], "options": ckpt["options"], "run": str(run_dir),
+                      "checkpoint_sha256": ckpt["sha256"], "clean_test_accuracy": clean},
+            "seed": seed, "data_checksum": data.checksum,
+            "selection": {"per_digit": per_digit, "limit": limit, "targeted": targeted,
+                          "target_map": target_map if targeted else None, "n": len(idx)},
+            "results": results, "files": record_files,
+            "wall_time_s": round(time.perf_counter() - start, 2), "provenance": runs.provenance(),
+        }
+        runs.write_json(folder / runs.RECORD, record)
+    write_index(root)
+    return root / name
+
+
+def write_index(root: str | Path) -> Path:
+    """Rewrite `root/index.html` from every attack record under `root`."""
+    root = Path(root)
+    records = []
+    for rec_path in root.glob("*/record.json"):
+        if rec_path.parent.name.startswith("."):
+            continue
+        try:
+            rec = runs.read_json(rec_path)
+        except (OSError, ValueError):
+            continue
+        if rec.get("kind") == "attack":
+            records.append((rec["provenance"]["time"], rec_path.parent.name, rec))
+    records.sort(key=lambda r: (r[0], r[1]), reverse=True)
+    pictures.attack_index([(name, rec) for _, name, rec in records], root / "index.html")
+    return root / "index.html"

@@ -1,0 +1,147 @@
+"""What every attack shares: the registry, input gradients, projections, argument checks.
+
+An attack is a pure function `attack(model, x, y, *, hyperparameters...) -> x_adv` on pixels in
+[0, 1]. It never changes `x`, the model's mode, parameters, gradients or buffers, never reseeds a
+global random generator, and takes its device from `x`. Whoever needs eval mode sets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AttackError(ValueError):
+    """An invalid attack parameter or an unknown attack name."""
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    always_targeted: bool  # True: `y` holds target labels (penalty, gd)
+    summary: str
+
+    def defaults(self) -> dict:
+        """Keyword-only hyperparameters and their defaults, read from the signature."""
+        return {p.name: p.default for p in inspect.signature(self.fn).parameters.values()
+                if p.kind is p.KEYWORD_ONLY}
+
+
+_ATTACKS: "OrderedDict[str, AttackSpec]" = OrderedDict()
+
+
+def register_attack(*, always_targeted: bool = False):
+    """Add an attack function to the registry under its own name; a duplicate is an error."""
+
+    def decorator(fn):
+        if fn.__name__ in _ATTACKS:
+            raise ValueError(f"attack {fn.__name__!r} is registered twice")
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        _ATTACKS[fn.__name__] = AttackSpec(fn.__name__, fn, always_targeted, summary)
+        return fn
+
+    return decorator
+
+
+def list_attacks() -> list[str]:
+    return list(_ATTACKS)
+
+
+def get_attack(name: str) -> AttackSpec:
+    try:
+        return _ATTACKS[name]
+    except KeyError:
+        raise AttackError(f"unknown attack {name!r}; choose one of: {', '.join(_ATTACKS)}") from None
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Freeze the model for the duration of an attack, and give it back exactly as it was.
+
+    Weights stop requiring gradients (backward then skips weight gradients, about a third of the
+    work). Buffers are restored afterwards: a model handed over in train mode would otherwise have
+    its BatchNorm statistics moved by every forward pass of the attack.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed cross-entropy w.r.t. the input, and the logits.
+
+    The sum makes each example's gradient its own (no 1/N), whatever the batch size.
+    """
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad, logits.detach()
+
+
+def per_example_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        logits = model(x)
+        return F.cross_entropy(logits, y, reduction="none"), logits
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.min(torch.max(x_adv, x - eps), x + eps)
+
+
+def l2_norm(t: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm, shaped to broadcast against images."""
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    delta = x_adv - x
+    norm = l2_norm(delta)
+    return x + delta * torch.clamp(eps / norm.clamp_min(1e-12), max=1.0)
+
+
+def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() != 4 or y.dim() != 1 or len(x) != len(y):
+        raise AttackError(f"expected images (N, C, H, W) and labels (N,), got {tuple(x.shape)} and "
+                          f"{tuple(y.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise AttackError("images must be pixels in [0, 1]; normalisation belongs inside the model")
+
+
+def check_positive(**values: float) -> None:
+    for name, value in values.items():
+        if value is None or not value > 0:
+            raise AttackError(f"{name} must be positive, got {value}")
+
+
+def check_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if value is None or value < 0:
+            raise AttackError(f"{name} must be >= 0, got {value}")
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Normal noise drawn on the CPU, so a seed gives the same noise on every device."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+
+
+def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)

@@ -1,0 +1,69 @@
+"""Projected Gradient Descent (Madry et al., 2018) in Linf or L2, with restarts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .core import (AttackError, check_inputs, check_non_negative, check_positive, frozen, input_grad,
+                   l2_norm, per_example_loss, project_l2, project_linf, rand_like, randn_like,
+                   register_attack)
+
+
+def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    if norm == "linf":
+        return x + eps * (2 * rand_like(x, generator) - 1)
+    direction = randn_like(x, generator)
+    direction = direction / l2_norm(direction).clamp_min(1e-12)
+    radius = eps * rand_like(x[:, :1, :1, :1], generator) ** (1.0 / x[0].numel())
+    return x + radius * direction
+
+
+@register_attack()
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, alpha: float | None = None,
+        steps: int = 40, norm: str = "linf", random_start: bool = True, restarts: int = 1,
+        targeted: bool = False, generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+    """Iterated gradient steps, each projected onto the eps-ball around x and clipped to [0, 1].
+
+    Linf steps by alpha * sign(grad); L2 by alpha * grad / ||grad||. alpha defaults to
+    2.5 * eps / steps (Madry et al.). With `restarts` > 1 each restart begins at a new random point
+    and the worst case is kept per example: a successful example beats an unsuccessful one, and
+    among equals the higher loss (untargeted) or lower target loss (targeted) wins.
+    Untargeted: y are true labels; targeted: y are target labels.
+    """
+    check_inputs(x, y)
+    check_non_negative(eps=eps, steps=steps)
+    if norm not in ("linf", "l2"):
+        raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if restarts < 1:
+        raise AttackError(f"restarts must be >= 1, got {restarts}")
+    if alpha is None:
+        alpha = 2.5 * eps / max(int(steps), 1)
+    if eps > 0:
+        check_positive(alpha=alpha)
+    project = project_linf if norm == "linf" else project_l2
+    sign = -1.0 if targeted else 1.0
+    best = x.clone()
+    best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    best_score = torch.full((len(x),), -float("inf"), device=x.device)
+    with frozen(model):
+        for _ in range(restarts):
+            adv = project(_random_start(x, eps, norm, generator), x, eps).clamp(0, 1) if random_start else x.clone()
+            for step in range(int(steps)):
+                grad, _ = input_grad(model, adv, y)
+                if norm == "linf":
+                    adv = adv + sign * alpha * grad.sign()
+                else:
+                    adv = adv + sign * alpha * grad / l2_norm(grad).clamp_min(1e-12)
+                adv = project(adv, x, eps).clamp(0, 1)
+                if callback is not None:
+                    callback(step, adv)
+            loss, logits = per_example_loss(model, adv, y)
+            pred = logits.argmax(1)
+            success = pred == y if targeted else pred != y
+            score = sign * loss
+            better = (success & ~best_success) | ((success == best_success) & (score > best_score))
+            best = torch.where(better.view(-1, 1, 1, 1), adv, best)
+            best_success |= success
+            best_score = torch.where(better, score, best_score)
+    return best.detach()
