@@ -192,6 +192,45 @@ def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, a
     click.echo(f"wrote {path}/ and {path.parent / 'index.html'}")
 
 
+@main.group("experiment")
+def experiment_group() -> None:
+    """Reproduce the reports' tables from the TOML specs under experiments/."""
+
+
+@experiment_group.command("run")
+@click.argument("specs", nargs=-1, required=True, type=click.Path())
+@out_option
+@click.option("--results", type=click.Path(), default=None,
+              help="Where pages go (default: results/ beside the spec).")
+@data_dir_option
+def experiment_run_cmd(specs, out, results, data_dir) -> None:
+    """Train what is missing, evaluate, attack, and write results/<name>.md for each SPEC."""
+    from .experiments import load_spec, run_experiment
+
+    for spec in specs:
+        load_spec(spec)  # every spec is checked before any of them runs
+    data = _load_data(data_dir)
+    for spec in specs:
+        page = run_experiment(spec, out=out, results=results, data=data,
+                              log=lambda line: click.echo(f"  {line}", err=True))
+        click.echo(f"wrote {page}")
+
+
+@experiment_group.command("list")
+@click.option("--dir", "directory", type=click.Path(), default="experiments", show_default=True)
+def experiment_list_cmd(directory) -> None:
+    """The specs, and whether each has a results page."""
+    from .experiments import list_experiments
+
+    found = list_experiments(directory)
+    if not found:
+        raise AdvmnistError(f"no *.toml experiment specs in {directory}/")
+    for e in found:
+        state = "error: " + e["error"] if e["error"] else (f"results: {e['results']}" if e["results"]
+                                                           else "no results yet")
+        click.echo(f"{e['spec']:<40} {e['title'][:60]:<60}  {state}")
+
+
 def _summary_table(rec: dict) -> str:
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)

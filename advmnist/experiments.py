@@ -1,0 +1,393 @@
+"""Declarative experiments: a TOML spec per table of the reports, run into a Markdown results page.
+
+A spec names variants (a zoo model plus recipe overrides, with the report's number beside it),
+the seeds, and optionally attack evaluations and a transfer matrix. The runner trains only what
+`runs/` does not already hold (a run matches on model, recipe, seed, training slice and data), so
+a rerun of a finished experiment trains nothing; attack results are cached in each run directory
+under the attack's parameters. The page puts the report's number beside ours (mean and spread over
+seeds) and calls out every miss larger than the seeds' spread plus 0.5 percentage points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import statistics
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import pictures, runs
+from .attacks import get_attack
+from .data import MNIST, load_mnist
+from .errors import AdvmnistError
+from .measures import attack_measures, eval_mode, predict_logits
+from .models import get_spec
+from .train import resolve_recipe, train_run
+
+MISS_MARGIN = 0.5  # percentage points allowed beyond the seeds' spread
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # the row's name in the report's table
+    model: str  # zoo model name
+    overrides: dict = field(default_factory=dict)  # recipe fields: epochs, lr, momentum, dropout, ...
+    reported: float | None = None  # the report's test accuracy (%) for this row
+    note: str = ""  # why our number may differ, shown when it misses
+
+
+@dataclass(frozen=True)
+class AttackEval:
+    method: str  # registry name: fgsm, pgd, penalty, gd
+    params: dict = field(default_factory=dict)  # attack keyword arguments (eps may be a list: a sweep)
+    limit: int = 1000  # untargeted attacks: the first `limit` test images
+    label: str = ""  # column name on the page; default from method and parameters
+
+
+@dataclass(frozen=True)
+class Transfer:
+    method: str = "pgd"
+    params: dict = field(default_factory=lambda: {"eps": 0.2, "steps": 40})
+    limit: int = 1000
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str  # file stem; the page is results/<name>.md
+    title: str
+    report: str  # which report(s) the table comes from
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...] = (0,)
+    train_limit: int | None = None  # train on the first N images (miniature specs only)
+    description: str = ""
+    attacks: tuple[AttackEval, ...] = ()
+    transfer: Transfer | None = None
+    per_class: bool = False  # add a per-digit accuracy table
+
+
+def _only(table: dict, cls, where: str) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - known
+    if unknown:
+        raise AdvmnistError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(known))}")
+    return table
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Parse and check a TOML spec; every model, override and attack is validated before any work."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdvmnistError(f"{path}: no such experiment spec") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AdvmnistError(f"{path}: not valid TOML ({exc})") from None
+    raw.setdefault("name", path.stem)
+    variants = tuple(Variant(**_only(v, Variant, f"{path} [[variant]]")) for v in raw.pop("variant", []))
+    attacks = tuple(AttackEval(**_only(a, AttackEval, f"{path} [[attack]]")) for a in raw.pop("attack", []))
+    transfer = raw.pop("transfer", None)
+    raw = _only(raw, Spec, str(path))
+    spec = Spec(**{**raw, "variants": variants, "attacks": attacks, "seeds": tuple(raw.get("seeds", (0,))),
+                   "transfer": Transfer(**_only(transfer, Transfer, f"{path} [transfer]")) if transfer else None})
+    if not spec.variants:
+        raise AdvmnistError(f"{path}: no [[variant]]")
+    for v in spec.variants:
+        resolve_recipe(v.model, **v.overrides)
+    for a in spec.attacks:
+        accepted = get_attack(a.method).defaults()
+        for key in a.params:
+            if key not in accepted:
+                raise AdvmnistError(f"{path}: attack {a.method!r} takes no parameter {key!r}")
+    return spec
+
+
+def find_run(out: str | Path, model: str, recipe: dict, seed: int, n_train: int, checksum: str) -> Path | None:
+    """The newest finished run with exactly this model, recipe, seed, training slice and data."""
+    for run in reversed(runs.find_runs(out, model)):
+        rec = runs.read_json(run / runs.RECORD)
+        if (rec["recipe"] == recipe and rec["seed"] == seed and rec["n_train"] == n_train
+                and rec["data_checksum"] == checksum):
+            return run
+    return None
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _attack_cached(run: Path, data: MNIST, a: AttackEval, eps: float | None, seed: int) -> dict:
+    """Overall attack measures for one run, computed once and cached in the run directory."""
+    params = dict(a.params)
+    if eps is not None:
+        params["eps"] = eps
+    spec = get_attack(a.method)
+    key = {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
+    cache = run / "attack-cache" / f"{a.method}-{_key(key)}.json"
+    if cache.is_file():
+        return runs.read_json(cache)["overall"]
+    model, _ = runs.load_checkpoint(run)
+    if spec.always_targeted:
+        idx = torch.stack([(data.test_y == d).nonzero()[0, 0] for d in range(10)])
+        x, y = data.test_x[idx], data.test_y[idx]
+        target = (y + 1) % 10
+        attack_y = target
+    else:
+        x, y = data.test_x[: a.limit], data.test_y[: a.limit]
+        target, attack_y = None, y
+    if "generator" in spec.defaults():
+        params["generator"] = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    with eval_mode(model):
+        x_adv = spec.fn(model, x, attack_y, **params)
+        result = attack_measures(model, x, y, x_adv, target)
+    params.pop("generator", None)
+    runs.write_json(cache, {**key, "overall": result["overall"], "seconds": time.perf_counter() - start})
+    return result["overall"]
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: str | Path | None = None,
+                   data: MNIST | None = None, device: str = "cpu",
+                   log: Callable[[str], None] = lambda s: None) -> Path:
+    """Train what is missing, evaluate, attack, and write `<results>/<name>.md` with its plots."""
+    spec_path = Path(spec_path)
+    spec = load_spec(spec_path)
+    results = Path(results) if results else spec_path.parent / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = data if data is not None else load_mnist()
+    if spec.train_limit:
+        data = data.subset(spec.train_limit, None)
+    trained = reused = 0
+    rows = []  # per variant: label, runs, records
+    for v in spec.variants:
+        recipe = dataclasses.asdict(resolve_recipe(v.model, **v.overrides))
+        found = []
+        for seed in spec.seeds:
+            run = find_run(out, v.model, recipe, seed, len(data.train_x), data.checksum)
+            if run is None:
+                log(f"training {v.label} ({v.model}, seed {seed})")
+                run = train_run(v.model, out=out, seed=seed, device=device, data=data, **v.overrides)
+                trained += 1
+            else:
+                reused += 1
+            found.append(run)
+        rows.append((v, found, [runs.read_json(r / runs.RECORD) for r in found]))
+
+    attack_cols: list[tuple[str, list[list[dict]]]] = []
+    for a in spec.attacks:
+        eps_values = a.params.get("eps")
+        sweep = eps_values if isinstance(eps_values, list) else [None]
+        for eps in sweep:
+            label = a.label or a.method
+            if eps is not None:
+                label = f"{label} eps {eps:g}"
+            log(f"attack {label}")
+            per_variant = [[_attack_cached(run, data, a, eps, seed) for run, seed in zip(found, spec.seeds)]
+                           for _, found, _ in rows]
+            attack_cols.append((label, per_variant))
+
+    page = _page(spec, spec_path, rows, attack_cols, results, data)
+    transfer_md = _transfer(spec, rows, data, results, log) if spec.transfer else ""
+    wall = time.perf_counter() - start
+    text = page.replace("{TRANSFER}", transfer_md).replace(
+        "{WALL}", f"{wall:.0f} s this invocation ({trained} run(s) trained, {reused} reused); "
+                  f"training time of the runs themselves: "
+                  f"{sum(r['wall_time_s'] for _, _, recs in rows for r in recs):.0f} s")
+    target = results / f"{spec.name}.md"
+    with runs.atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return target
+
+
+def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: MNIST) -> str:
+    lines = [f"# {spec.title}", "", spec.description.strip(), "",
+             f"Spec: `{spec_path.as_posix()}`. Command: `advmnist experiment run {spec_path.as_posix()}`.",
+             f"Seeds: {', '.join(map(str, spec.seeds))}; training images: {len(data.train_x)}; "
+             f"test images: {len(data.test_x)}. Wall time: {{WALL}}.", "",
+             "| variant | model | recipe | report (%) | ours (%) mean ± sd | seeds | Δ (pp) | verdict | train time (s) |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: | --- | ---: |"]
+    misses = []
+    for v, found, recs in rows:
+        accs = [r["test_accuracy"] for r in recs]
+        mean, sd = _mean_spread(accs)
+        delta = None if v.reported is None else mean - v.reported
+        if delta is None:
+            verdict = "–"
+        elif abs(delta) <= sd + MISS_MARGIN:
+            verdict = "reproduced"
+        elif delta > 0:
+            verdict = "**better**"
+            misses.append((v, delta))
+        else:
+            verdict = "**MISS**"
+            misses.append((v, delta))
+        recipe = str(resolve_recipe(v.model, **v.overrides))
+        secs = statistics.fmean(r["wall_time_s"] for r in recs)
+        lines.append(f"| {v.label} | `{v.model}` | {recipe} | {_fmt(v.reported)} | {mean:.2f} ± {sd:.2f} | "
+                     f"{' / '.join(f'{a:.2f}' for a in accs)} | {_fmt(delta, '+.2f')} | {verdict} | {secs:.0f} |")
+    if misses:
+        lines += ["", "Differences beyond the seeds' spread plus 0.5 pp:", ""]
+        for v, delta in misses:
+            lines.append(f"- **{v.label}**: {delta:+.2f} pp. {v.note or 'No explanation recorded in the spec.'}")
+    if spec.per_class:
+        lines += ["", "## Per-digit test accuracy (%), mean over seeds", "",
+                  "| variant | " + " | ".join(str(d) for d in range(10)) + " |",
+                  "| --- |" + " ---: |" * 10]
+        for v, _, recs in rows:
+            per = [statistics.fmean(r["per_class_accuracy"][d] for r in recs) for d in range(10)]
+            lines.append(f"| {v.label} | " + " | ".join(f"{p:.1f}" for p in per) + " |")
+    curves = f"{spec.name}_curves.png"
+    _plot_histories(spec, rows, results / curves)
+    lines += ["", f"![test accuracy per epoch]({curves})", ""]
+    if attack_cols:
+        lines += ["## Robustness", "",
+                  "Robust accuracy (%) on the first test images under each attack (penalty: fooling rate "
+                  "of report 001's target-penalized attack on the first test image of each digit, "
+                  "target digit + 1); mean over seeds.", "",
+                  "| variant | clean | " + " | ".join(label for label, _ in attack_cols) + " |",
+                  "| --- | ---: |" + " ---: |" * len(attack_cols)]
+        for i, (v, _, recs) in enumerate(rows):
+            cells = []
+            for label, per_variant in attack_cols:
+                key = "fooling_rate" if label.startswith("penalty") else "robust_accuracy"
+                cells.append(_fmt(statistics.fmean(m[key] for m in per_variant[i]), ".1f"))
+            clean = statistics.fmean(r["test_accuracy"] for r in recs)
+            lines.append(f"| {v.label} | {clean:.2f} | " + " | ".join(cells) + " |")
+        plot = f"{spec.name}_robustness.png"
+        _plot_robustness(rows, attack_cols, results / plot)
+        lines += ["", f"![robust accuracy against eps]({plot})", ""]
+    lines += ["{TRANSFER}", ""]
+    return "\n".join(lines)
+
+
+def _plot_histories(spec: Spec, rows, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for v, _, recs in rows:
+        epochs = [h["epoch"] for h in recs[0]["history"]]
+        acc = [statistics.fmean(r["history"][i]["test_accuracy"] for r in recs) for i in range(len(epochs))]
+        ax.plot(epochs, acc, "o-", ms=3, label=v.label)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=spec.title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    pictures._save(fig, path)
+
+
+def _plot_robustness(rows, attack_cols, path: Path) -> None:
+    sweeps: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for label, per_variant in attack_cols:
+        if " eps " not in label:
+            continue
+        method, eps = label.rsplit(" eps ", 1)
+        for (v, _, _), ms in zip(rows, per_variant):
+            sweeps.setdefault(method, {}).setdefault(v.label, []).append(
+                (float(eps), statistics.fmean(m["robust_accuracy"] for m in ms)))
+    if not sweeps:
+        return
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.2), squeeze=False)
+    for ax, (method, series) in zip(axes[0], sweeps.items()):
+        for name, pts in series.items():
+            ax.plot([0.0] + [p[0] for p in pts],
+                    [statistics.fmean(r["test_accuracy"] for r in next(recs for v, _, recs in rows
+                                                                        if v.label == name))]
+                    + [p[1] for p in pts], "o-", ms=3, label=name)
+        ax.set(xlabel="epsilon (Linf)", ylabel="robust accuracy (%)", title=method, ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    pictures._save(fig, path)
+
+
+def _transfer(spec: Spec, rows, data: MNIST, results: Path, log) -> str:
+    """Adversarial examples crafted on each model (first seed), fooling rate on every model."""
+    t = spec.transfer
+    attack = get_attack(t.method)
+    models = []
+    for v, found, _ in rows:
+        model, _ = runs.load_checkpoint(found[0])
+        models.append((v.label, found[0], model.eval()))
+    x, y = data.test_x[: t.limit], data.test_y[: t.limit]
+    correct = [predict_logits(m, x).argmax(1) == y for _, _, m in models]
+    matrix = []
+    for label, run, source in models:
+        key = _key({"transfer": t.method, "params": t.params, "limit": t.limit, "data": data.checksum})
+        cache = run / "attack-cache" / f"transfer-{key}.pt"
+        if cache.is_file():
+            x_adv = torch.load(cache, weights_only=True)
+        else:
+            log(f"transfer: crafting on {label}")
+            params = dict(t.params)
+            if "generator" in attack.defaults():
+                params["generator"] = torch.Generator().manual_seed(0)
+            x_adv = attack.fn(source, x, y, **params)
+            cache.parent.mkdir(exist_ok=True)
+            with runs.atomic_path(cache) as tmp:
+                torch.save(x_adv, tmp)
+        row = []
+        for (_, _, target_model), ok in zip(models, correct):
+            fooled = (predict_logits(target_model, x_adv).argmax(1) != y) & ok
+            row.append(100.0 * fooled.sum().item() / max(ok.sum().item(), 1))
+        matrix.append(row)
+    labels = [m[0] for m in models]
+    heat = f"{spec.name}_transfer.png"
+    _plot_matrix(matrix, labels, results / heat, f"{t.method} {t.params}: fooling rate (%)")
+    params = ", ".join(f"{k}={v}" for k, v in t.params.items())
+    lines = ["## Transfer", "",
+             f"{t.method} ({params}) adversarial examples crafted on the row's model (seed {spec.seeds[0]}), "
+             f"fed to the column's model: fooling rate (%) among the first {t.limit} test images the column's "
+             f"model classifies correctly. The diagonal is the white-box attack.", "",
+             "| crafted on \\ fed to | " + " | ".join(labels) + " |", "| --- |" + " ---: |" * len(labels)]
+    for label, row in zip(labels, matrix):
+        lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    lines += ["", f"![transfer matrix]({heat})", ""]
+    return "\n".join(lines)
+
+
+def _plot_matrix(matrix, labels, path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1.0 * len(labels) + 2.5, 0.8 * len(labels) + 2))
+    im = ax.imshow(m, cmap="magma", vmin=0, vmax=100)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                    color="white" if m[i, j] < 60 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="fed to", ylabel="crafted on", title=title)
+    fig.colorbar(im, ax=ax, label="fooling rate (%)")
+    pictures._save(fig, path)
+
+
+def list_experiments(directory: str | Path = "experiments") -> list[dict]:
+    """Each spec under `directory` with its title and whether its results page exists."""
+    directory = Path(directory)
+    out = []
+    for path in sorted(directory.glob("*.toml")):
+        try:
+            spec = load_spec(path)
+            title, error = spec.title, None
+        except AdvmnistError as exc:
+            title, error = "", str(exc)
+        page = directory / "results" / f"{path.stem}.md"
+        out.append({"spec": str(path), "title": title, "results": str(page) if page.is_file() else None,
+                    "error": error})
+    return out
