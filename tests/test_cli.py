@@ -89,7 +89,7 @@ def test_penalty_attack_writes_record_pngs_gallery_and_index(trained_run):
     assert record["method"] == "penalty" and record["selection"]["n"] == 10
     assert record["model"]["checkpoint_sha256"] == runs.file_sha256(runs.latest_run(out) / "model.pt")
     res = record["results"][0]
-    assert res["params"] == {"eta": 0.1, "lam": 0.05, "steps": 300, "init": "noise", "clamp": True}
+    assert res["params"] == {"eta": 0.1, "lam": 0.05, "steps": 300, "init": "noise", "clamp": True, "fast": True}
     assert res["overall"]["target_success_rate"] >= 70
     for d in range(10):
         assert (run / f"digit_{d}_as_{(d + 1) % 10}.png").stat().st_size > 500

@@ -4,11 +4,12 @@
     x_adv = pgd(model.eval(), x, y, eps=0.3, steps=40)
 """
 
-from .core import AttackError, AttackSpec, frozen, get_attack, input_grad, list_attacks, register_attack
+from .core import (AttackError, AttackSpec, frozen, get_attack, gradient_fn, input_grad, list_attacks,
+                   register_attack)
 from .fgsm import fgsm
 from .gd import gd
 from .penalty import penalty
 from .pgd import pgd
 
-__all__ = ["AttackError", "AttackSpec", "frozen", "get_attack", "input_grad", "list_attacks",
+__all__ = ["AttackError", "AttackSpec", "frozen", "get_attack", "gradient_fn", "input_grad", "list_attacks",
            "register_attack", "fgsm", "gd", "penalty", "pgd"]

@@ -97,6 +97,18 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     return grad, logits.detach()
 
 
+def gradient_fn(model: nn.Module, example: torch.Tensor, fast: bool = True):
+    """The input-gradient function an attack uses: the folded fast path where the model allows it
+    (see `fast.py`), else autograd. Call once per attack, inside `frozen(model)`."""
+    if fast:
+        from .fast import compile_grad
+
+        compiled = compile_grad(model, example)
+        if compiled is not None:
+            return compiled
+    return lambda x, y: input_grad(model, x, y)
+
+
 def per_example_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         logits = model(x)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import check_inputs, check_non_negative, check_positive, frozen, input_grad, register_attack
+from .core import check_inputs, check_non_negative, check_positive, frozen, gradient_fn, register_attack
 
 
 @register_attack(always_targeted=True)
 def gd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lr: float = 0.1, steps: int = 1000,
-       early_stop: bool = True, callback=None) -> torch.Tensor:
+       early_stop: bool = True, fast: bool = True, callback=None) -> torch.Tensor:
     """Descend the cross-entropy of class `target` on the image itself: x <- clip(x - lr * grad).
 
     No norm bound: the step count and early stopping keep the change small. With `early_stop`,
@@ -22,8 +22,9 @@ def gd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lr: float = 0
     check_non_negative(steps=steps)
     adv = x.clone()
     with frozen(model):
+        grad_fn = gradient_fn(model, x, fast)
         for step in range(int(steps)):
-            grad, logits = input_grad(model, adv, target)
+            grad, logits = grad_fn(adv, target)
             moving = logits.argmax(1) != target if early_stop else torch.ones_like(target, dtype=torch.bool)
             if early_stop and not moving.any():
                 break

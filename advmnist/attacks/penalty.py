@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import (AttackError, check_inputs, check_non_negative, check_positive, frozen, input_grad,
+from .core import (AttackError, check_inputs, check_non_negative, check_positive, frozen, gradient_fn,
                    randn_like, register_attack)
 
 
 @register_attack(always_targeted=True)
 def penalty(model: nn.Module, x_target: torch.Tensor, target: torch.Tensor, *, eta: float = 0.1,
             lam: float = 0.05, steps: int = 10000, init: str = "noise", clamp: bool = True,
-            generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+            generator: torch.Generator | None = None, fast: bool = True, callback=None) -> torch.Tensor:
     """Gradient descent on the image towards class `target`, pulled back towards `x_target`.
 
     x <- x - eta * (grad_x CE(model(x), target) + lam * (x - x_target)), from noise N(0.5, 0.3)
@@ -24,7 +24,8 @@ def penalty(model: nn.Module, x_target: torch.Tensor, target: torch.Tensor, *, e
     iterate in [0, 1]; `clamp=False` is the report's unconstrained update and may leave [0, 1].
     All examples of the batch are optimised at once; each one's gradient is its own.
     Shapes: x_target (N, 1, 28, 28) in [0, 1], target (N,) int64; returns (N, 1, 28, 28).
-    `callback(step, x)`, if given, is called after every step (progress bars).
+    `fast=False` forces plain autograd (see attacks/fast.py); `callback(step, x)`, if given, is
+    called after every step (progress bars).
     """
     check_inputs(x_target, target)
     check_positive(eta=eta)
@@ -38,8 +39,9 @@ def penalty(model: nn.Module, x_target: torch.Tensor, target: torch.Tensor, *, e
     if clamp:
         x = x.clamp(0, 1)
     with frozen(model):
+        grad_fn = gradient_fn(model, x_target, fast)
         for step in range(int(steps)):
-            grad, _ = input_grad(model, x, target)
+            grad, _ = grad_fn(x, target)
             x = x - eta * (grad + lam * (x - x_target))
             if clamp:
                 x = x.clamp(0, 1)

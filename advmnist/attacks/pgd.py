@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import (AttackError, check_inputs, check_non_negative, check_positive, frozen, input_grad,
+from .core import (AttackError, check_inputs, check_non_negative, check_positive, frozen, gradient_fn,
                    l2_norm, per_example_loss, project_l2, project_linf, rand_like, randn_like,
                    register_attack)
 
@@ -22,7 +22,8 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Te
 @register_attack()
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, alpha: float | None = None,
         steps: int = 40, norm: str = "linf", random_start: bool = True, restarts: int = 1,
-        targeted: bool = False, generator: torch.Generator | None = None, callback=None) -> torch.Tensor:
+        targeted: bool = False, generator: torch.Generator | None = None, fast: bool = True,
+        callback=None) -> torch.Tensor:
     """Iterated gradient steps, each projected onto the eps-ball around x and clipped to [0, 1].
 
     Linf steps by alpha * sign(grad); L2 by alpha * grad / ||grad||. alpha defaults to
@@ -47,10 +48,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     best_score = torch.full((len(x),), -float("inf"), device=x.device)
     with frozen(model):
+        grad_fn = gradient_fn(model, x, fast)
         for _ in range(restarts):
             adv = project(_random_start(x, eps, norm, generator), x, eps).clamp(0, 1) if random_start else x.clone()
             for step in range(int(steps)):
-                grad, _ = input_grad(model, adv, y)
+                grad, _ = grad_fn(adv, y)
                 if norm == "linf":
                     adv = adv + sign * alpha * grad.sign()
                 else:
