@@ -71,13 +71,26 @@ def models_cmd() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--limit", type=int, default=None, help="Train on the first N images only (quick runs).")
+@click.option("--adv", type=click.Choice(["pgd", "fgsm-rs", "fgsm", "trades"]), default=None,
+              help="Adversarial training: PGD (Madry), FGSM with random start, plain FGSM, or TRADES.")
+@click.option("--eps", type=float, default=0.3, show_default=True, help="With --adv: Linf bound.")
+@click.option("--adv-steps", type=int, default=40, show_default=True, help="With --adv pgd/trades: inner steps.")
+@click.option("--adv-alpha", type=float, default=None, help="With --adv: inner step size.")
+@click.option("--beta", type=float, default=6.0, show_default=True, help="With --adv trades: KL weight.")
+@click.option("--eps-ramp", type=float, default=0.0, show_default=True,
+              help="With --adv: epochs over which eps rises from 0.")
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, seed, device, limit, out,
-              data_dir, quiet) -> None:
+def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, seed, device, limit, adv, eps,
+              adv_steps, adv_alpha, beta, eps_ramp, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
-    from .train import resolve_recipe, train_run
+    from .train import Adversarial, resolve_recipe, train_run
+
+    adversarial = None
+    if adv is not None:
+        adversarial = Adversarial(adv, eps=eps, steps=adv_steps, alpha=adv_alpha, beta=beta, ramp_epochs=eps_ramp)
+        adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,
                             batch_size=batch_size, optimizer=optimizer)
@@ -85,10 +98,13 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     click.echo(f"training {model_name} on {len(data.train_x)} images: {recipe} seed={seed}")
 
     def on_epoch(s: dict) -> None:
+        robust = f"  PGD acc {s['robust_accuracy']:6.2f}%" if "robust_accuracy" in s else ""
         click.echo(f"epoch {s['epoch']:>2}  train loss {s['train_loss']:.4f} acc {s['train_accuracy']:6.2f}%"
-                   f"  test loss {s['test_loss']:.4f} acc {s['test_accuracy']:6.2f}%  {s['seconds']:6.1f} s")
+                   f"  test loss {s['test_loss']:.4f} acc {s['test_accuracy']:6.2f}%{robust}  {s['seconds']:6.1f} s")
+        for w in s.get("warnings", []):
+            click.echo(f"warning: {w}", err=True)
 
-    run = train_run(model_name, out=out, seed=seed, device=device, data=data,
+    run = train_run(model_name, out=out, seed=seed, device=device, data=data, adversarial=adversarial,
                     progress=not quiet and sys.stderr.isatty(), on_epoch=on_epoch,
                     epochs=epochs, lr=lr, momentum=momentum, dropout=dropout, batch_size=batch_size,
                     optimizer=optimizer)
@@ -97,6 +113,9 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     rec = read_json(run / "record.json")
     click.echo(f"test accuracy {rec['test_accuracy']:.2f}% (report: {rec['reported_accuracy']:.2f}%) "
                f"in {rec['wall_time_s']:.1f} s")
+    restored = rec["history"][-1].get("restored_epoch")
+    if restored:
+        click.echo(f"kept the weights of epoch {restored}, the most robust on the monitor")
     click.echo(f"run: {run}")
 
 
@@ -117,14 +136,31 @@ def _pick_run(run: str | None, model_name: str | None, out: str) -> Path:
 @click.option("--run", type=click.Path(), default=None, help="Run directory (default: the latest).")
 @click.option("--model", "model_name", default=None, help="Latest run of this model.")
 @click.option("--image", type=int, default=0, show_default=True, help="Test image for the feature maps.")
+@click.option("--robust", is_flag=True, help="Also the worst case under every attack, with sanity checks.")
+@click.option("--eps", type=float, default=0.3, show_default=True, help="With --robust: Linf bound.")
+@click.option("--steps", type=int, default=100, show_default=True, help="With --robust: PGD steps.")
+@click.option("--restarts", type=int, default=5, show_default=True, help="With --robust: PGD restarts.")
+@click.option("--limit", type=int, default=1000, show_default=True,
+              help="With --robust: the first N test images (0: all 10,000).")
 @out_option
 @data_dir_option
-def evaluate_cmd(run, model_name, image, out, data_dir) -> None:
+def evaluate_cmd(run, model_name, image, robust, eps, steps, restarts, limit, out, data_dir) -> None:
     """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run."""
-    from .evaluation import evaluate_run
+    from .evaluation import evaluate_run, robust_evaluate_run
 
     run_dir = _pick_run(run, model_name, out)
-    rec = evaluate_run(run_dir, _load_data(data_dir), image_index=image)
+    data = _load_data(data_dir)
+    if robust:
+        rr = robust_evaluate_run(run_dir, data, eps=eps, steps=steps, restarts=restarts, limit=limit,
+                                 log=lambda line: click.echo(f"  {line}", err=True))
+        click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at eps {eps:g} "
+                   f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over "
+                   f"{len(rr['per_attack'])} attacks, {rr['wall_time_s']:.0f} s)")
+        for c in rr["checks"]:
+            click.echo(f"  [{'ok' if c['passed'] else 'FAILED'}] {c['check']}: {c['detail']}")
+        for w in rr["warnings"]:
+            click.echo(f"warning: {w}", err=True)
+    rec = evaluate_run(run_dir, data, image_index=image)
     click.echo(f"{rec['model']}: test accuracy {rec['accuracy']:.2f}% on {rec['n']} images")
     click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
     click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "

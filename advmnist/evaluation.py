@@ -66,3 +66,29 @@ def evaluate_run(run_dir: str | Path, data: MNIST, *, image_index: int = 0, samp
               "provenance": runs.provenance()}
     runs.write_json(out / "record.json", record)
     return record
+
+
+def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, steps: int = 100,
+                        restarts: int = 5, limit: int | None = 1000, targeted: bool = True, check_n: int = 500,
+                        seed: int = 0, log=lambda s: None) -> dict:
+    """Worst-case robust accuracy and the sanity checks for a run; writes `run_dir/eval/robust.json`."""
+    from .robustness import sanity_checks, worst_case
+
+    if eps < 0:
+        raise AdvmnistError(f"eps must be >= 0, got {eps}")
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    model, ckpt = runs.load_checkpoint(run_dir)
+    n = len(data.test_y) if not limit else min(limit, len(data.test_y))
+    x, y = data.test_x[:n], data.test_y[:n]
+    result = worst_case(model, x, y, eps=eps, steps=steps, restarts=restarts, targeted=targeted, seed=seed, log=log)
+    checks = sanity_checks(model, x[:check_n], y[:check_n], eps=eps, seed=seed, more_steps=max(steps, 40))
+    record = {"kind": "robust-evaluate", "run": str(run_dir), "model": ckpt["model"],
+              "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, "seed": seed,
+              "settings": {"eps": eps, "steps": steps, "restarts": restarts, "targeted": targeted, "n": n,
+                           "check_n": min(check_n, n)},
+              **{k: v for k, v in result.items() if k != "robust"}, "checks": checks,
+              "warnings": [f"sanity check failed: {c['check']} ({c['detail']})" for c in checks if not c["passed"]],
+              "wall_time_s": round(time.perf_counter() - start, 1), "provenance": runs.provenance()}
+    runs.write_json(run_dir / "eval" / "robust.json", record)
+    return record

@@ -28,7 +28,7 @@ from .data import MNIST, load_mnist
 from .errors import AdvmnistError
 from .measures import attack_measures, eval_mode, predict_logits
 from .models import get_spec
-from .train import resolve_recipe, train_run
+from .train import Adversarial, resolve_recipe, train_run
 
 MISS_MARGIN = 0.5  # percentage points allowed beyond the seeds' spread
 
@@ -40,6 +40,7 @@ class Variant:
     overrides: dict = field(default_factory=dict)  # recipe fields: epochs, lr, momentum, dropout, ...
     reported: float | None = None  # the report's test accuracy (%) for this row
     note: str = ""  # why our number may differ, shown when it misses
+    adversarial: dict = field(default_factory=dict)  # advmnist.train.Adversarial fields; empty: standard training
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def load_spec(path: str | Path) -> Spec:
         raise AdvmnistError(f"{path}: no [[variant]]")
     for v in spec.variants:
         resolve_recipe(v.model, **v.overrides)
+        if v.adversarial:
+            _adversarial(v, path).check()
     for a in spec.attacks:
         accepted = get_attack(a.method).defaults()
         for key in a.params:
@@ -107,12 +110,23 @@ def load_spec(path: str | Path) -> Spec:
     return spec
 
 
-def find_run(out: str | Path, model: str, recipe: dict, seed: int, n_train: int, checksum: str) -> Path | None:
-    """The newest finished run with exactly this model, recipe, seed, training slice and data."""
+def _adversarial(v: Variant, where: str | Path = "spec") -> Adversarial | None:
+    if not v.adversarial:
+        return None
+    try:
+        return Adversarial(**v.adversarial)
+    except TypeError as exc:
+        raise AdvmnistError(f"{where}: variant {v.label!r}: bad adversarial settings ({exc})") from None
+
+
+def find_run(out: str | Path, model: str, recipe: dict, seed: int, n_train: int, checksum: str,
+             adversarial: dict | None = None) -> Path | None:
+    """The newest finished run with exactly this model, recipe, adversarial training, seed,
+    training slice and data."""
     for run in reversed(runs.find_runs(out, model)):
         rec = runs.read_json(run / runs.RECORD)
         if (rec["recipe"] == recipe and rec["seed"] == seed and rec["n_train"] == n_train
-                and rec["data_checksum"] == checksum):
+                and rec["data_checksum"] == checksum and rec.get("adversarial") == adversarial):
             return run
     return None
 
@@ -175,12 +189,15 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     rows = []  # per variant: label, runs, records
     for v in spec.variants:
         recipe = dataclasses.asdict(resolve_recipe(v.model, **v.overrides))
+        adv = _adversarial(v)
         found = []
         for seed in spec.seeds:
-            run = find_run(out, v.model, recipe, seed, len(data.train_x), data.checksum)
+            run = find_run(out, v.model, recipe, seed, len(data.train_x), data.checksum,
+                           dataclasses.asdict(adv) if adv else None)
             if run is None:
                 log(f"training {v.label} ({v.model}, seed {seed})")
-                run = train_run(v.model, out=out, seed=seed, device=device, data=data, **v.overrides)
+                run = train_run(v.model, out=out, seed=seed, device=device, data=data, adversarial=adv,
+                                **v.overrides)
                 trained += 1
             else:
                 reused += 1

@@ -7,8 +7,10 @@ worker process, and the same seed gives the same weights.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import runs
+from .attacks import pgd
 from .data import MNIST, load_mnist
 from .errors import AdvmnistError
 from .measures import evaluate
@@ -63,9 +66,79 @@ def check_recipe(recipe: Recipe) -> None:
         raise AdvmnistError(f"unknown optimizer {recipe.optimizer!r}; use sgd or adam")
 
 
+@dataclass(frozen=True)
+class Adversarial:
+    """Adversarial training: the inner attack, its budget, and how eps is ramped up."""
+
+    method: str  # "pgd" (Madry et al.), "fgsm-rs" (Wong et al.), "trades" (Zhang et al.), "fgsm" (no
+    #              random start: known to overfit catastrophically; kept to show the detector firing)
+    eps: float = 0.3  # Linf bound during training (and for the per-epoch monitor)
+    steps: int = 40  # inner steps for pgd and trades; fgsm and fgsm-rs take one
+    alpha: float | None = None  # inner step size; None: pgd 2.5 eps/steps, fgsm-rs 1.25 eps, trades 2 eps/steps
+    beta: float = 6.0  # trades: weight of the KL term
+    ramp_epochs: float = 0.0  # eps grows linearly from 0 to eps over this many epochs
+    monitor: int = 500  # first test images whose PGD accuracy is recorded after each epoch
+    monitor_steps: int = 20  # PGD steps of that monitor
+
+    def check(self) -> None:
+        if self.method not in ("pgd", "fgsm-rs", "fgsm", "trades"):
+            raise AdvmnistError(f"unknown adversarial training {self.method!r}; use pgd, fgsm-rs, fgsm or trades")
+        if self.eps < 0 or self.steps < 1 or (self.alpha is not None and self.alpha <= 0):
+            raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
+
+    def step_size(self) -> float:
+        if self.alpha is not None:
+            return self.alpha
+        return {"pgd": 2.5 * self.eps / self.steps, "fgsm-rs": 1.25 * self.eps, "fgsm": self.eps,
+                "trades": 2.0 * self.eps / self.steps}[self.method]
+
+
+def _trades_example(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """TRADES' inner maximisation: the point in the eps-ball whose prediction differs most (KL)."""
+    with torch.no_grad():
+        p_nat = F.softmax(model(x), dim=1)
+    adv = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            kl = F.kl_div(F.log_softmax(model(adv), dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, adv)
+        adv = torch.min(torch.max(adv + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    return adv.detach()
+
+
+def adversarial_loss(adv: Adversarial, generator: torch.Generator):
+    """A loss_fn for train_epoch: craft the inner attack in eval mode, then train on it."""
+    alpha = adv.step_size()
+
+    def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, eps: float):
+        model.eval()
+        if adv.method == "trades":
+            x_adv = _trades_example(model, xb, eps, alpha, adv.steps, generator)
+        else:
+            steps = 1 if adv.method in ("fgsm", "fgsm-rs") else adv.steps
+            x_adv = pgd(model, xb, yb, eps=eps, alpha=alpha, steps=steps, random_start=adv.method != "fgsm",
+                        generator=generator)
+        model.train()
+        if adv.method == "trades":
+            logits = model(xb)
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+            return F.cross_entropy(logits, yb) + adv.beta * kl, logits
+        logits = model(x_adv)
+        return F.cross_entropy(logits, yb), logits
+
+    return loss_fn
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                batch_size: int, generator: torch.Generator, progress: tqdm | None = None) -> dict:
-    """One pass over (x, y) in a seeded random order; returns mean loss and accuracy (%)."""
+                batch_size: int, generator: torch.Generator, progress: tqdm | None = None,
+                loss_fn=None, eps_schedule: Callable[[float], float] | None = None) -> dict:
+    """One pass over (x, y) in a seeded random order; returns mean loss and accuracy (%).
+
+    `loss_fn(model, xb, yb, eps) -> (loss, logits)` replaces plain cross-entropy (adversarial
+    training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch.
+    """
     model.train()
     n = len(x)
     order = torch.randperm(n, generator=generator).to(x.device)
@@ -74,8 +147,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         xb, yb = x[idx], y[idx]
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        if loss_fn is None:
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+        else:
+            loss, logits = loss_fn(model, xb, yb, eps_schedule(start / n) if eps_schedule else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -86,27 +162,84 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return {"train_loss": loss_sum.item() / n, "train_accuracy": 100.0 * correct.item() / n}
 
 
+def monitor_robustness(model: nn.Module, data: MNIST, adv: Adversarial) -> float:
+    """PGD accuracy (%) on the first `adv.monitor` test images at the full training eps."""
+    from .measures import eval_mode
+
+    x, y = data.test_x[:adv.monitor], data.test_y[:adv.monitor]
+    with eval_mode(model):
+        x_adv = pgd(model, x, y, eps=adv.eps, steps=adv.monitor_steps, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+def detect_overfitting(history: list[dict], drop: float = 20.0) -> list[str]:
+    """Catastrophic overfitting: robust accuracy collapsing while clean accuracy holds up.
+
+    Fires when an epoch's monitored PGD accuracy falls `drop` points below the best before it, or
+    under 10% while clean test accuracy is over 80% (after the first epoch).
+    """
+    warnings, best = [], None
+    for h in history:
+        r = h.get("robust_accuracy")
+        if r is None:
+            continue
+        if best is not None and r < best - drop:
+            warnings.append(f"epoch {h['epoch']}: PGD accuracy fell to {r:.1f}% from {best:.1f}% "
+                            f"(catastrophic overfitting)")
+        elif h["epoch"] > 1 and r < 10.0 and h["test_accuracy"] > 80.0:
+            warnings.append(f"epoch {h['epoch']}: PGD accuracy {r:.1f}% at {h['test_accuracy']:.1f}% clean "
+                            f"accuracy (robustness collapsed or never came)")
+        best = r if best is None else max(best, r)
+    return warnings
+
+
 def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progress: bool = False,
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train `model` on data.train with `recipe`, testing after every epoch; returns the history."""
+        on_epoch: Callable[[dict], None] | None = None, adversarial: Adversarial | None = None) -> list[dict]:
+    """Train `model` on data.train with `recipe`, testing after every epoch; returns the history.
+
+    With `adversarial`, every batch is replaced by its adversarial version (TRADES: adds a KL
+    term), each epoch also records PGD accuracy on a fixed test batch, and the weights of the epoch
+    with the best monitored robustness are kept (early stopping on robust accuracy).
+    """
     check_recipe(recipe)
     torch.manual_seed(seed)  # dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
-    history = []
+    loss_fn = None
+    if adversarial is not None:
+        adversarial.check()
+        loss_fn = adversarial_loss(adversarial, torch.Generator().manual_seed(seed + 1))
+    history: list[dict] = []
+    best: tuple[float, int, dict] | None = None
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
+        schedule = None
+        if adversarial is not None:
+            ramp = adversarial.ramp_epochs
+
+            def schedule(frac: float, e=epoch) -> float:
+                return adversarial.eps * (min(1.0, (e - 1 + frac) / ramp) if ramp > 0 else 1.0)
+
         with tqdm(total=len(data.train_x), desc=f"epoch {epoch}/{recipe.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
             stats = train_epoch(model, optimizer, data.train_x, data.train_y, recipe.batch_size,
-                                generator, bar)
+                                generator, bar, loss_fn=loss_fn, eps_schedule=schedule)
         train_seconds = time.perf_counter() - start
         test = evaluate(model, data.test_x, data.test_y)
         stats = {"epoch": epoch, **stats, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                  "seconds": round(train_seconds, 3)}
+        if adversarial is not None:
+            stats["robust_accuracy"] = monitor_robustness(model, data, adversarial)
+            stats["warnings"] = [w for w in detect_overfitting(history + [stats]) if w.startswith(f"epoch {epoch}:")]
+            if best is None or stats["robust_accuracy"] > best[0]:
+                best = (stats["robust_accuracy"], epoch, copy.deepcopy(model.state_dict()))
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
+    if best is not None and best[1] != len(history):
+        model.load_state_dict(best[2])
+        history[-1]["restored_epoch"] = best[1]
     return history
 
 
@@ -123,7 +256,8 @@ def resolve_recipe(name: str, **overrides) -> Recipe:
 
 def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str = "auto",
               data: MNIST | None = None, data_dir: str | None = None, progress: bool = False,
-              on_epoch: Callable[[dict], None] | None = None, **overrides) -> Path:
+              on_epoch: Callable[[dict], None] | None = None, adversarial: Adversarial | None = None,
+              **overrides) -> Path:
     """Train a zoo model with its recipe (plus overrides) and write a finished run directory.
 
     The directory holds `model.pt` (weights, `torch.load(weights_only=True)`), `record.json`
@@ -140,9 +274,9 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
     wall = time.perf_counter()
     torch.manual_seed(seed)
     model = create_model(name, **options).to(dev)  # initial weights drawn from the seeded generator
-    history = fit(model, data, recipe, seed=seed, progress=progress, on_epoch=on_epoch)
+    history = fit(model, data, recipe, seed=seed, progress=progress, on_epoch=on_epoch, adversarial=adversarial)
     final = evaluate(model, data.test_x, data.test_y)
-    run_name = runs.new_run_name(name, seed)
+    run_name = runs.new_run_name(name, seed, tag=f"-adv-{adversarial.method}" if adversarial else "")
     with runs.run_directory(out, run_name) as tmp:
         sha = runs.save_checkpoint(tmp / runs.CHECKPOINT, model.cpu(), name, options)
         record = {
@@ -152,6 +286,8 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
             "test_accuracy": final["accuracy"], "test_loss": final["loss"],
             "per_class_accuracy": final["per_class_accuracy"], "checkpoint_sha256": sha,
             "reported_accuracy": get_spec(name).reported_accuracy,
+            "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
+            "warnings": [w for h in history for w in h.get("warnings", [])],
             "wall_time_s": round(time.perf_counter() - wall, 2), "provenance": runs.provenance(),
             "finished": runs.provenance()["time"], "run": run_name,
         }
