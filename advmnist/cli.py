@@ -238,8 +238,9 @@ def experiment_group() -> None:
 @out_option
 @click.option("--results", type=click.Path(), default=None,
               help="Where pages go (default: results/ beside the spec).")
+@click.option("--no-train", is_flag=True, help="Train nothing; variants without runs are listed as pending.")
 @data_dir_option
-def experiment_run_cmd(specs, out, results, data_dir) -> None:
+def experiment_run_cmd(specs, out, results, no_train, data_dir) -> None:
     """Train what is missing, evaluate, attack, and write results/<name>.md for each SPEC."""
     from .experiments import load_spec, run_experiment
 
@@ -247,7 +248,7 @@ def experiment_run_cmd(specs, out, results, data_dir) -> None:
         load_spec(spec)  # every spec is checked before any of them runs
     data = _load_data(data_dir)
     for spec in specs:
-        page = run_experiment(spec, out=out, results=results, data=data,
+        page = run_experiment(spec, out=out, results=results, data=data, train=not no_train,
                               log=lambda line: click.echo(f"  {line}", err=True))
         click.echo(f"wrote {page}")
 

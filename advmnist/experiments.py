@@ -174,9 +174,13 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
 
 
 def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: str | Path | None = None,
-                   data: MNIST | None = None, device: str = "cpu",
+                   data: MNIST | None = None, device: str = "cpu", train: bool = True,
                    log: Callable[[str], None] = lambda s: None) -> Path:
-    """Train what is missing, evaluate, attack, and write `<results>/<name>.md` with its plots."""
+    """Train what is missing, evaluate, attack, and write `<results>/<name>.md` with its plots.
+
+    With `train=False` nothing is trained: variants without finished runs are listed as pending
+    and left out of attacks and transfer, so a partial page can be written now and completed later.
+    """
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
     results = Path(results) if results else spec_path.parent / "results"
@@ -187,6 +191,7 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
         data = data.subset(spec.train_limit, None)
     trained = reused = 0
     rows = []  # per variant: label, runs, records
+    pending: list[Variant] = []
     for v in spec.variants:
         recipe = dataclasses.asdict(resolve_recipe(v.model, **v.overrides))
         adv = _adversarial(v)
@@ -194,6 +199,8 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
         for seed in spec.seeds:
             run = find_run(out, v.model, recipe, seed, len(data.train_x), data.checksum,
                            dataclasses.asdict(adv) if adv else None)
+            if run is None and not train:
+                break
             if run is None:
                 log(f"training {v.label} ({v.model}, seed {seed})")
                 run = train_run(v.model, out=out, seed=seed, device=device, data=data, adversarial=adv,
@@ -202,7 +209,12 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
             else:
                 reused += 1
             found.append(run)
+        if len(found) < len(spec.seeds):
+            pending.append(v)
+            continue
         rows.append((v, found, [runs.read_json(r / runs.RECORD) for r in found]))
+    if not rows:
+        raise AdvmnistError(f"{spec_path}: no variant has finished runs; run without --no-train first")
 
     attack_cols: list[tuple[str, list[list[dict]]]] = []
     for a in spec.attacks:
@@ -217,7 +229,7 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
                            for _, found, _ in rows]
             attack_cols.append((label, per_variant))
 
-    page = _page(spec, spec_path, rows, attack_cols, results, data)
+    page = _page(spec, spec_path, rows, attack_cols, results, data, pending)
     transfer_md = _transfer(spec, rows, data, results, log) if spec.transfer else ""
     wall = time.perf_counter() - start
     text = page.replace("{TRANSFER}", transfer_md).replace(
@@ -230,7 +242,8 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     return target
 
 
-def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: MNIST) -> str:
+def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: MNIST,
+          pending: list[Variant] = ()) -> str:
     lines = [f"# {spec.title}", "", spec.description.strip(), "",
              f"Spec: `{spec_path.as_posix()}`. Command: `advmnist experiment run {spec_path.as_posix()}`.",
              f"Seeds: {', '.join(map(str, spec.seeds))}; training images: {len(data.train_x)}; "
@@ -256,6 +269,10 @@ def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: M
         secs = statistics.fmean(r["wall_time_s"] for r in recs)
         lines.append(f"| {v.label} | `{v.model}` | {recipe} | {_fmt(v.reported)} | {mean:.2f} ± {sd:.2f} | "
                      f"{' / '.join(f'{a:.2f}' for a in accs)} | {_fmt(delta, '+.2f')} | {verdict} | {secs:.0f} |")
+    if pending:
+        lines += ["", "**Pending** (not trained yet, left out of every table below; `advmnist experiment run "
+                  f"{spec_path.as_posix()}` trains them and reuses everything else): "
+                  + ", ".join(f"{v.label} (`{v.model}`, {get_spec(v.model).recipe})" for v in pending) + "."]
     if misses:
         lines += ["", "Differences beyond the seeds' spread plus 0.5 pp:", ""]
         for v, delta in misses:
@@ -300,6 +317,7 @@ def _plot_histories(spec: Spec, rows, path: Path) -> None:
         acc = [statistics.fmean(r["history"][i]["test_accuracy"] for r in recs) for i in range(len(epochs))]
         ax.plot(epochs, acc, "o-", ms=3, label=v.label)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=spec.title)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     pictures._save(fig, path)

@@ -142,11 +142,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     model.train()
     n = len(x)
     order = torch.randperm(n, generator=generator).to(x.device)
+    x, y = x[order], y[order]  # one gather an epoch; each batch is then a contiguous slice
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        xb, yb = x[idx], y[idx]
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         if loss_fn is None:
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -155,10 +155,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         if progress is not None:
-            progress.update(len(idx))
+            progress.update(len(yb))
     return {"train_loss": loss_sum.item() / n, "train_accuracy": 100.0 * correct.item() / n}
 
 

@@ -116,3 +116,15 @@ def test_bad_specs_are_refused_before_any_work(tmp_path, text, message):
         load_spec(path)
     result = CliRunner().invoke(main, ["experiment", "run", str(path)])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_no_train_writes_a_partial_page_with_pending_rows(mini, tmp_path):
+    root, spec, _, data = mini
+    text = spec.read_text().replace('label = "LeNet"', 'label = "LeNet"').replace(
+        "[[attack]]", '[[variant]]\nlabel = "never trained"\nmodel = "two-conv"\n\n[[attack]]', 1)
+    partial = spec.parent / "partial.toml"
+    partial.write_text(text)
+    page = run_experiment(partial, out=root / "runs", data=data, train=False)
+    body = page.read_text()
+    assert "**Pending**" in body and "never trained" in body and "0 run(s) trained" in body
+    assert "| never trained |" not in body

@@ -17,6 +17,7 @@ same backend (the tests compare them so).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -26,6 +27,9 @@ from torch import nn
 GradFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 SMALL_BATCH = 100  # below this, convolutions run without oneDNN
+
+# Toggling oneDNN also touches its TF32 setting, which warns on every CPU build; say it never.
+warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 
 _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
 
