@@ -381,8 +381,8 @@ def _transfer(spec: Spec, rows, data: MNIST, results: Path, log) -> str:
         matrix.append(row)
     labels = [m[0] for m in models]
     heat = f"{spec.name}_transfer.png"
-    _plot_matrix(matrix, labels, results / heat, f"{t.method} {t.params}: fooling rate (%)")
     params = ", ".join(f"{k}={v}" for k, v in t.params.items())
+    _plot_matrix(matrix, labels, results / heat, f"{t.method} ({params}): fooling rate (%)")
     lines = ["## Transfer", "",
              f"{t.method} ({params}) adversarial examples crafted on the row's model (seed {spec.seeds[0]}), "
              f"fed to the column's model: fooling rate (%) among the first {t.limit} test images the column's "
