@@ -178,7 +178,9 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
             if op.kind == "affine":
                 h = h * op.a + op.b
             elif op.kind == "conv":
+                saved.append(h)  # convolution_backward wants the input (for its shape and layout)
                 h = F.conv2d(h, op.w, op.b, padding=op.pad)
+                continue
             elif op.kind == "linear":
                 if op.shape is not None:
                     h = h.flatten(1)
@@ -192,9 +194,9 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
                 saved.append(h)
                 continue
             elif op.kind == "pool":
-                shape = h.shape
+                inp = h
                 h, idx = F.max_pool2d(h, op.k, return_indices=True)
-                saved.append((idx, shape))
+                saved.append((idx, inp))
                 continue
             saved.append(None)
         logits = h
@@ -204,7 +206,10 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
             if op.kind == "affine":
                 g = g * op.a
             elif op.kind == "conv":
-                g = F.conv_transpose2d(g, op.w, padding=op.pad)
+                # the kernel autograd uses (oneDNN where enabled); conv_transpose2d takes a slower path
+                g = torch.ops.aten.convolution_backward(
+                    g, s, op.w, None, [1, 1], list(_pads(op.pad)), [1, 1], False, [0, 0], 1,
+                    [True, False, False])[0]
             elif op.kind == "linear":
                 g = g @ op.w
                 if op.shape is not None:
@@ -214,13 +219,18 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
             elif op.kind == "flatten":
                 g = g.view(g.shape[0], *op.shape)
             elif op.kind == "relu":
-                g = g * (s > 0)
+                g = torch.ops.aten.threshold_backward(g, s, 0)
             elif op.kind == "pool":
-                idx, shape = s
-                g = F.max_unpool2d(g, idx, op.k, output_size=shape[-2:])
+                idx, inp = s
+                g = torch.ops.aten.max_pool2d_with_indices_backward(g, inp, [op.k, op.k], [op.k, op.k], [0, 0],
+                                                                    [1, 1], False, idx)
         return g, logits.detach()
 
     return grad_fn
+
+
+def _pads(pad) -> tuple[int, int]:
+    return tuple(pad) if isinstance(pad, tuple) else (int(pad), int(pad))
 
 
 def _p(pad) -> int:
