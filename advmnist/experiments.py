@@ -154,13 +154,13 @@ def _attack_cached(run: Path, data: MNIST, a: AttackEval, eps: float | None, see
     else:
         x, y = data.test_x[: a.limit], data.test_y[: a.limit]
         target, attack_y = None, y
+    kwargs = dict(params)  # the key above holds `params`; the generator is no part of it
     if "generator" in spec.defaults():
-        params["generator"] = torch.Generator().manual_seed(seed)
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     with eval_mode(model):
-        x_adv = spec.fn(model, x, attack_y, **params)
+        x_adv = spec.fn(model, x, attack_y, **kwargs)
         result = attack_measures(model, x, y, x_adv, target)
-    params.pop("generator", None)
     runs.write_json(cache, {**key, "overall": result["overall"], "seconds": time.perf_counter() - start})
     return result["overall"]
 

@@ -23,7 +23,7 @@ from . import runs
 from .attacks import pgd
 from .data import MNIST, load_mnist
 from .errors import AdvmnistError
-from .measures import evaluate
+from .measures import eval_mode, evaluate
 from .models import Recipe, create_model, get_spec
 
 
@@ -164,8 +164,6 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def monitor_robustness(model: nn.Module, data: MNIST, adv: Adversarial) -> float:
     """PGD accuracy (%) on the first `adv.monitor` test images at the full training eps."""
-    from .measures import eval_mode
-
     x, y = data.test_x[:adv.monitor], data.test_y[:adv.monitor]
     with eval_mode(model):
         x_adv = pgd(model, x, y, eps=adv.eps, steps=adv.monitor_steps, generator=torch.Generator().manual_seed(0))
@@ -279,6 +277,7 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
     run_name = runs.new_run_name(name, seed, tag=f"-adv-{adversarial.method}" if adversarial else "")
     with runs.run_directory(out, run_name) as tmp:
         sha = runs.save_checkpoint(tmp / runs.CHECKPOINT, model.cpu(), name, options)
+        prov = runs.provenance()
         record = {
             "kind": "train", "model": name, "options": options, "recipe": dataclasses.asdict(recipe),
             "seed": seed, "device": str(dev), "n_train": len(data.train_x), "n_test": len(data.test_x),
@@ -288,8 +287,8 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
             "reported_accuracy": get_spec(name).reported_accuracy,
             "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
             "warnings": [w for h in history for w in h.get("warnings", [])],
-            "wall_time_s": round(time.perf_counter() - wall, 2), "provenance": runs.provenance(),
-            "finished": runs.provenance()["time"], "run": run_name,
+            "wall_time_s": round(time.perf_counter() - wall, 2), "provenance": prov,
+            "finished": prov["time"], "run": run_name,
         }
         plot_curves(history, tmp / "curves.png", title=f"{name} (seed {seed})")
         runs.write_json(tmp / runs.RECORD, record)

@@ -144,14 +144,11 @@ def pgd_torchattacks(model, x, y, bs):
 
 
 def pgd_bare(model, x, y, bs):
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for i in range(0, len(x), bs):
-        xb = x[i:i + bs].clone().requires_grad_(True)
-        for _ in range(40):
-            torch.autograd.grad(F.cross_entropy(model(xb), y[i:i + bs], reduction="sum"), xb)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    with frozen(model):
+        for i in range(0, len(x), bs):
+            xb = x[i:i + bs].clone().requires_grad_(True)
+            for _ in range(40):
+                torch.autograd.grad(F.cross_entropy(model(xb), y[i:i + bs], reduction="sum"), xb)
 
 
 def bench_pgd(model, data, n: int, bs: int = 1000) -> list[dict]:

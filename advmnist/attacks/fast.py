@@ -136,7 +136,7 @@ def _simplify(ops: list[_Op]) -> list[_Op]:
             while j < len(ops) and ops[j].kind == "flatten":
                 j += 1
             target = ops[j] if j < len(ops) else None
-            if target is not None and (target.kind == "linear" or (target.kind == "conv" and _p(target.pad) == 0)):
+            if target is not None and (target.kind == "linear" or (target.kind == "conv" and _pads(target.pad) == (0, 0))):
                 target.b = target.b + op.b * target.w.sum(dim=tuple(range(1, target.w.dim())))
                 target.w = target.w * op.a
                 i += 1
@@ -232,6 +232,3 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
 def _pads(pad) -> tuple[int, int]:
     return tuple(pad) if isinstance(pad, tuple) else (int(pad), int(pad))
 
-
-def _p(pad) -> int:
-    return pad[0] if isinstance(pad, tuple) else int(pad)
