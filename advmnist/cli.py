@@ -68,6 +68,8 @@ def models_cmd() -> None:
 @click.option("--dropout", type=float, default=None, help="Override the dropout probability.")
 @click.option("--batch-size", type=int, default=None, help="Override the batch size.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None, help="Override the optimizer.")
+@click.option("--schedule", type=click.Choice(["constant", "onecycle"]), default=None,
+              help="Override the learning-rate schedule (onecycle: 0 -> lr -> 0).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--limit", type=int, default=None, help="Train on the first N images only (quick runs).")
@@ -82,7 +84,7 @@ def models_cmd() -> None:
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, seed, device, limit, adv, eps,
+def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, seed, device, limit, adv, eps,
               adv_steps, adv_alpha, beta, eps_ramp, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
     from .train import Adversarial, resolve_recipe, train_run
@@ -93,7 +95,7 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
         adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,
-                            batch_size=batch_size, optimizer=optimizer)
+                            batch_size=batch_size, optimizer=optimizer, schedule=schedule)
     data = _load_data(data_dir, limit_train=limit)
     click.echo(f"training {model_name} on {len(data.train_x)} images: {recipe} seed={seed}")
 
@@ -107,7 +109,7 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     run = train_run(model_name, out=out, seed=seed, device=device, data=data, adversarial=adversarial,
                     progress=not quiet and sys.stderr.isatty(), on_epoch=on_epoch,
                     epochs=epochs, lr=lr, momentum=momentum, dropout=dropout, batch_size=batch_size,
-                    optimizer=optimizer)
+                    optimizer=optimizer, schedule=schedule)
     from .runs import read_json
 
     rec = read_json(run / "record.json")

@@ -27,7 +27,7 @@ from .attacks import get_attack
 from .data import MNIST, load_mnist
 from .errors import AdvmnistError
 from .measures import attack_measures, eval_mode, predict_logits
-from .models import get_spec
+from .models import Recipe, get_spec
 from .train import Adversarial, resolve_recipe, train_run
 
 MISS_MARGIN = 0.5  # percentage points allowed beyond the seeds' spread
@@ -59,6 +59,17 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class Robust:
+    """The worst-case evaluation of `advmnist evaluate --robust` (advmnist.robustness) for every run."""
+
+    eps: float = 0.3
+    steps: int = 100
+    restarts: int = 5
+    limit: int = 0  # the first N test images; 0: all of them
+    check_n: int = 500  # images for the sanity checks
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str  # file stem; the page is results/<name>.md
     title: str
@@ -70,6 +81,7 @@ class Spec:
     attacks: tuple[AttackEval, ...] = ()
     transfer: Transfer | None = None
     per_class: bool = False  # add a per-digit accuracy table
+    robust: Robust | None = None  # add the worst-case robust accuracy and sanity checks
 
 
 def _only(table: dict, cls, where: str) -> dict:
@@ -93,9 +105,13 @@ def load_spec(path: str | Path) -> Spec:
     variants = tuple(Variant(**_only(v, Variant, f"{path} [[variant]]")) for v in raw.pop("variant", []))
     attacks = tuple(AttackEval(**_only(a, AttackEval, f"{path} [[attack]]")) for a in raw.pop("attack", []))
     transfer = raw.pop("transfer", None)
+    robust = raw.pop("robust", None)
     raw = _only(raw, Spec, str(path))
     spec = Spec(**{**raw, "variants": variants, "attacks": attacks, "seeds": tuple(raw.get("seeds", (0,))),
-                   "transfer": Transfer(**_only(transfer, Transfer, f"{path} [transfer]")) if transfer else None})
+                   "transfer": Transfer(**_only(transfer, Transfer, f"{path} [transfer]")) if transfer else None,
+                   "robust": Robust(**_only(robust, Robust, f"{path} [robust]")) if robust is not None else None})
+    if spec.robust is not None and (spec.robust.eps < 0 or spec.robust.steps < 1 or spec.robust.restarts < 1):
+        raise AdvmnistError(f"{path} [robust]: needs eps >= 0, steps >= 1 and restarts >= 1")
     if not spec.variants:
         raise AdvmnistError(f"{path}: no [[variant]]")
     for v in spec.variants:
@@ -119,13 +135,16 @@ def _adversarial(v: Variant, where: str | Path = "spec") -> Adversarial | None:
         raise AdvmnistError(f"{where}: variant {v.label!r}: bad adversarial settings ({exc})") from None
 
 
+_RECIPE_DEFAULTS = dataclasses.asdict(Recipe())  # fields added later read as their defaults in older records
+
+
 def find_run(out: str | Path, model: str, recipe: dict, seed: int, n_train: int, checksum: str,
              adversarial: dict | None = None) -> Path | None:
     """The newest finished run with exactly this model, recipe, adversarial training, seed,
     training slice and data."""
     for run in reversed(runs.find_runs(out, model)):
         rec = runs.read_json(run / runs.RECORD)
-        if (rec["recipe"] == recipe and rec["seed"] == seed and rec["n_train"] == n_train
+        if ({**_RECIPE_DEFAULTS, **rec["recipe"]} == recipe and rec["seed"] == seed and rec["n_train"] == n_train
                 and rec["data_checksum"] == checksum and rec.get("adversarial") == adversarial):
             return run
     return None
@@ -229,7 +248,11 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
                            for _, found, _ in rows]
             attack_cols.append((label, per_variant))
 
+    robust = [[_robust_cached(run, data, spec.robust, seed, log) for run, seed in zip(found, spec.seeds)]
+              for _, found, _ in rows] if spec.robust else []
     page = _page(spec, spec_path, rows, attack_cols, results, data, pending)
+    if robust:
+        page = page.replace("{TRANSFER}", _robust_section(spec, rows, robust) + "{TRANSFER}")
     transfer_md = _transfer(spec, rows, data, results, log) if spec.transfer else ""
     wall = time.perf_counter() - start
     text = page.replace("{TRANSFER}", transfer_md).replace(
@@ -240,6 +263,47 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     with runs.atomic_path(target) as tmp:
         tmp.write_text(text)
     return target
+
+
+def _robust_cached(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
+    """`evaluate --robust` for one run, computed once and cached in the run directory."""
+    from .evaluation import robust_evaluate_run
+
+    key = {**dataclasses.asdict(r), "seed": seed, "data": data.checksum}
+    cache = run / "attack-cache" / f"robust-{_key(key)}.json"
+    if cache.is_file():
+        return runs.read_json(cache)
+    log(f"worst-case evaluation of {run.name}")
+    record = robust_evaluate_run(run, data, eps=r.eps, steps=r.steps, restarts=r.restarts, limit=r.limit or None,
+                                 check_n=r.check_n, seed=seed, log=lambda m: log(f"  {m}"))
+    runs.write_json(cache, record)
+    return record
+
+
+def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
+    r = spec.robust
+    first = robust[0][0]
+    lines = ["## Worst-case robust accuracy", "",
+             f"`advmnist evaluate --robust --eps {r.eps:g} --steps {r.steps} --restarts {r.restarts}"
+             f"{'' if not r.limit else f' --limit {r.limit}'}` on {first['n']} test images: an image counts as "
+             "robust only if every attack below fails on it; each attack runs on the images all earlier ones "
+             "left standing. Mean over seeds.", "",
+             "| variant | clean (%) | worst-case robust (%) | seeds | evaluation time (s) |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for (v, _, _), recs in zip(rows, robust):
+        accs = [x["robust_accuracy"] for x in recs]
+        lines.append(f"| {v.label} | {statistics.fmean(x['clean_accuracy'] for x in recs):.2f} | "
+                     f"{statistics.fmean(accs):.2f} | {' / '.join(f'{a:.2f}' for a in accs)} | "
+                     f"{statistics.fmean(x['wall_time_s'] for x in recs):.0f} |")
+    for (v, _, _), recs in zip(rows, robust):
+        rec = recs[0]
+        lines += ["", f"### {v.label}: robust accuracy after each attack (seed {spec.seeds[0]})", "",
+                  "| attack | robust accuracy after it (%) |", "| --- | ---: |",
+                  f"| none (clean) | {rec['clean_accuracy']:.2f} |"]
+        lines += [f"| {a['attack']} | {a['robust_accuracy_after']:.2f} |" for a in rec["per_attack"]]
+        lines += ["", f"Sanity checks on the first {rec['settings']['check_n']} images:", ""]
+        lines += [f"- {'passed' if c['passed'] else '**FAILED**'}: {c['check']} ({c['detail']})" for c in rec["checks"]]
+    return "\n".join(lines) + "\n\n"
 
 
 def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: MNIST,
@@ -315,7 +379,11 @@ def _plot_histories(spec: Spec, rows, path: Path) -> None:
     for v, _, recs in rows:
         epochs = [h["epoch"] for h in recs[0]["history"]]
         acc = [statistics.fmean(r["history"][i]["test_accuracy"] for r in recs) for i in range(len(epochs))]
-        ax.plot(epochs, acc, "o-", ms=3, label=v.label)
+        line, = ax.plot(epochs, acc, "o-", ms=3, label=v.label)
+        if all("robust_accuracy" in h for r in recs for h in r["history"]):
+            robust = [statistics.fmean(r["history"][i]["robust_accuracy"] for r in recs) for i in range(len(epochs))]
+            ax.plot(epochs, robust, "s--", ms=3, color=line.get_color(),
+                    label=f"{v.label}: PGD accuracy on the monitor images")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=spec.title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)

@@ -41,9 +41,10 @@ def worst_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         robust = _correct(model, x, y)
         clean = 100.0 * robust.float().mean().item()
         stages = [("FGSM", lambda xb, yb: fgsm(model, xb, yb, eps=eps))]
-        stages.append((f"PGD-{steps} x {restarts} restarts", lambda xb, yb: pgd(
-            model, xb, yb, eps=eps, alpha=alpha, steps=steps, restarts=restarts,
-            generator=torch.Generator().manual_seed(seed))))
+        for r in range(restarts):  # one stage a restart: a restart only runs where the earlier ones failed
+            stages.append((f"PGD-{steps}, restart {r + 1}/{restarts}", lambda xb, yb, r=r: pgd(
+                model, xb, yb, eps=eps, alpha=alpha, steps=steps,
+                generator=torch.Generator().manual_seed(seed + 100 * r))))
         if targeted:
             for k in range(1, 10):
                 stages.append((f"targeted PGD-{steps}, target = label + {k}", lambda xb, yb, k=k: pgd(

@@ -64,6 +64,21 @@ def check_recipe(recipe: Recipe) -> None:
         raise AdvmnistError(f"momentum must be >= 0, got {recipe.momentum}")
     if recipe.optimizer not in ("sgd", "adam"):
         raise AdvmnistError(f"unknown optimizer {recipe.optimizer!r}; use sgd or adam")
+    if recipe.schedule not in SCHEDULES:
+        raise AdvmnistError(f"unknown learning-rate schedule {recipe.schedule!r}; use {' or '.join(SCHEDULES)}")
+
+
+SCHEDULES = ("constant", "onecycle")
+
+
+def learning_rate(recipe: Recipe, progress: float) -> float:
+    """The learning rate at `progress` (epochs done, fractional). "onecycle" rises linearly from 0
+    to lr over the first 40% of training and falls back to 0 (the cyclic schedule of Wong et al.,
+    "Fast is better than free")."""
+    if recipe.schedule == "constant":
+        return recipe.lr
+    t = min(max(progress / recipe.epochs, 0.0), 1.0)
+    return recipe.lr * (t / 0.4 if t < 0.4 else (1.0 - t) / 0.6)
 
 
 @dataclass(frozen=True)
@@ -133,11 +148,13 @@ def adversarial_loss(adv: Adversarial, generator: torch.Generator):
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch_size: int, generator: torch.Generator, progress: tqdm | None = None,
-                loss_fn=None, eps_schedule: Callable[[float], float] | None = None) -> dict:
+                loss_fn=None, eps_schedule: Callable[[float], float] | None = None,
+                lr_schedule: Callable[[float], float] | None = None) -> dict:
     """One pass over (x, y) in a seeded random order; returns mean loss and accuracy (%).
 
     `loss_fn(model, xb, yb, eps) -> (loss, logits)` replaces plain cross-entropy (adversarial
-    training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch.
+    training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch, and
+    `lr_schedule(fraction)` the optimizer's learning rate.
     """
     model.train()
     n = len(x)
@@ -147,6 +164,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for start in range(0, n, batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        if lr_schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule(start / n)
         if loss_fn is None:
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
@@ -175,7 +195,8 @@ def detect_overfitting(history: list[dict], drop: float = 20.0) -> list[str]:
     """Catastrophic overfitting: robust accuracy collapsing while clean accuracy holds up.
 
     Fires when an epoch's monitored PGD accuracy falls `drop` points below the best before it, or
-    under 10% while clean test accuracy is over 80% (after the first epoch).
+    under 10% while clean test accuracy is over 80% (after the first epoch, and not while eps is
+    still ramping up: the monitor attacks at the full eps, which the net has not been trained for yet).
     """
     warnings, best = [], None
     for h in history:
@@ -185,7 +206,7 @@ def detect_overfitting(history: list[dict], drop: float = 20.0) -> list[str]:
         if best is not None and r < best - drop:
             warnings.append(f"epoch {h['epoch']}: PGD accuracy fell to {r:.1f}% from {best:.1f}% "
                             f"(catastrophic overfitting)")
-        elif h["epoch"] > 1 and r < 10.0 and h["test_accuracy"] > 80.0:
+        elif h["epoch"] > 1 and not h.get("ramping") and r < 10.0 and h["test_accuracy"] > 80.0:
             warnings.append(f"epoch {h['epoch']}: PGD accuracy {r:.1f}% at {h['test_accuracy']:.1f}% clean "
                             f"accuracy (robustness collapsed or never came)")
         best = r if best is None else max(best, r)
@@ -222,13 +243,17 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
         with tqdm(total=len(data.train_x), desc=f"epoch {epoch}/{recipe.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
             stats = train_epoch(model, optimizer, data.train_x, data.train_y, recipe.batch_size,
-                                generator, bar, loss_fn=loss_fn, eps_schedule=schedule)
+                                generator, bar, loss_fn=loss_fn, eps_schedule=schedule,
+                                lr_schedule=None if recipe.schedule == "constant"
+                                else lambda frac, e=epoch: learning_rate(recipe, e - 1 + frac))
         train_seconds = time.perf_counter() - start
         test = evaluate(model, data.test_x, data.test_y)
         stats = {"epoch": epoch, **stats, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                  "seconds": round(train_seconds, 3)}
         if adversarial is not None:
             stats["robust_accuracy"] = monitor_robustness(model, data, adversarial)
+            if adversarial.ramp_epochs > epoch:
+                stats["ramping"] = True
             stats["warnings"] = [w for w in detect_overfitting(history + [stats]) if w.startswith(f"epoch {epoch}:")]
             if best is None or stats["robust_accuracy"] > best[0]:
                 best = (stats["robust_accuracy"], epoch, copy.deepcopy(model.state_dict()))

@@ -128,3 +128,60 @@ def test_no_train_writes_a_partial_page_with_pending_rows(mini, tmp_path):
     body = page.read_text()
     assert "**Pending**" in body and "never trained" in body and "0 run(s) trained" in body
     assert "| never trained |" not in body
+
+
+ADVERSARIAL = """
+title = "Miniature adversarial training"
+report = "test"
+seeds = [0]
+train_limit = 1000
+
+[[variant]]
+label = "strided, PGD training"
+model = "strided"
+overrides = { epochs = 2, lr = 5e-3, schedule = "onecycle" }
+adversarial = { method = "pgd", eps = 0.1, steps = 2, alpha = 0.05, ramp_epochs = 1, monitor = 100, monitor_steps = 3 }
+
+[robust]
+eps = 0.1
+steps = 3
+restarts = 2
+limit = 100
+check_n = 50
+"""
+
+
+def test_adversarial_spec_gets_a_worst_case_section(tmp_path, small):
+    spec = tmp_path / "experiments" / "adv.toml"
+    spec.parent.mkdir()
+    spec.write_text(ADVERSARIAL)
+    data = small.subset(None, 1000)
+    page = run_experiment(spec, out=tmp_path / "runs", data=data).read_text()
+    (run,) = (tmp_path / "runs").glob("strided-*")
+    (cached,) = (run / "attack-cache").glob("robust-*.json")
+    rec = json.loads(cached.read_text())
+    assert rec["settings"] == {"eps": 0.1, "steps": 3, "restarts": 2, "targeted": True, "n": 100, "check_n": 50}
+    assert "## Worst-case robust accuracy" in page and f"| {rec['robust_accuracy']:.2f} |" in page
+    assert "PGD-3, restart 2/2" in page and "targeted PGD-3, target = label + 9" in page
+    assert page.count("passed: ") + page.count("**FAILED**: ") == 5
+    after = [a["robust_accuracy_after"] for a in rec["per_attack"]]
+    assert after == sorted(after, reverse=True) and after[-1] == rec["robust_accuracy"] <= rec["clean_accuracy"]
+    train = json.loads((run / "record.json").read_text())
+    assert train["recipe"]["schedule"] == "onecycle" and train["adversarial"]["method"] == "pgd"
+    assert all("robust_accuracy" in h for h in train["history"])
+    again = run_experiment(spec, out=tmp_path / "runs", data=data).read_text()
+    assert "0 run(s) trained, 1 reused" in again and f"| {rec['robust_accuracy']:.2f} |" in again
+
+
+def test_runs_recorded_before_a_recipe_field_existed_are_still_found(mini):
+    root, spec, page, data = mini
+    from advmnist.experiments import find_run
+    from advmnist.train import resolve_recipe
+    import dataclasses
+
+    (run, *_) = sorted((root / "runs").glob("lenet-*"))
+    record = json.loads((run / "record.json").read_text())
+    del record["recipe"]["schedule"]  # as written before the learning-rate schedule was added
+    (run / "record.json").write_text(json.dumps(record))
+    recipe = dataclasses.asdict(resolve_recipe("lenet", epochs=1, lr=0.05))
+    assert find_run(root / "runs", "lenet", recipe, record["seed"], record["n_train"], record["data_checksum"]) == run

@@ -42,6 +42,17 @@ def test_detector_on_histories():
     assert warning.startswith("epoch 3:") and "catastrophic overfitting" in warning
 
 
+def test_detector_waits_for_the_eps_ramp():
+    """The monitor attacks at the full eps; while training eps still ramps up, a low number is expected."""
+    ramp = [{"epoch": 1, "test_accuracy": 94, "robust_accuracy": 0.0, "ramping": True},
+            {"epoch": 2, "test_accuracy": 97, "robust_accuracy": 5.4, "ramping": True},
+            {"epoch": 3, "test_accuracy": 97, "robust_accuracy": 79.2}]
+    assert detect_overfitting(ramp) == []
+    unramped = [{k: v for k, v in h.items() if k != "ramping"} for h in ramp]
+    (warning,) = detect_overfitting(unramped)
+    assert warning.startswith("epoch 2:") and "never came" in warning
+
+
 def test_detector_fires_on_a_deliberately_broken_recipe(small):
     """FGSM training whose step (0.001) is far below its eps (0.3): the net learns no robustness."""
     torch.manual_seed(0)
@@ -66,7 +77,7 @@ def test_worst_case_is_no_better_than_any_single_attack(trained_small, small):
     after = [a["robust_accuracy_after"] for a in result["per_attack"]]
     assert after == sorted(after, reverse=True)
     assert result["robust_accuracy"] == after[-1] <= pgd_accuracy(model, x, y, 0.05)
-    assert result["clean_accuracy"] >= after[0] and len(result["per_attack"]) == 11
+    assert result["clean_accuracy"] >= after[0] and len(result["per_attack"]) == 1 + 2 + 9  # FGSM, restarts, targets
 
 
 class Quantise(nn.Module):

@@ -79,3 +79,16 @@ def test_bad_recipe_values_are_refused():
         resolve_recipe("lenet", lr=-1.0)
     with pytest.raises(AdvmnistError, match="has no dropout option"):
         resolve_recipe("lenet", dropout=0.3)
+    with pytest.raises(AdvmnistError, match="unknown learning-rate schedule 'cosine'"):
+        resolve_recipe("lenet", schedule="cosine")
+
+
+def test_onecycle_schedule_rises_then_falls_to_zero():
+    from advmnist.train import learning_rate
+
+    recipe = resolve_recipe("strided", lr=0.01, epochs=5, schedule="onecycle")
+    lrs = [learning_rate(recipe, e / 10) for e in range(51)]
+    peak = lrs.index(max(lrs))
+    assert lrs[0] == 0.0 and lrs[-1] == 0.0 and max(lrs) == pytest.approx(0.01) and peak == 20
+    assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+    assert learning_rate(resolve_recipe("strided", lr=0.01), 2.5) == 0.01  # the default stays constant

@@ -50,10 +50,11 @@ def _flat_layers(model: nn.Module) -> list[nn.Module] | None:
 
 
 class _Op:
-    __slots__ = ("kind", "w", "b", "pad", "k", "shape", "a")
+    __slots__ = ("kind", "w", "b", "pad", "k", "shape", "a", "stride")
 
-    def __init__(self, kind: str, w=None, b=None, pad=0, k=0, shape=None, a=None):
+    def __init__(self, kind: str, w=None, b=None, pad=0, k=0, shape=None, a=None, stride=(1, 1)):
         self.kind, self.w, self.b, self.pad, self.k, self.shape, self.a = kind, w, b, pad, k, shape, a
+        self.stride = stride
 
 
 def _plan(model: nn.Module, example: torch.Tensor) -> list[_Op] | None:
@@ -76,15 +77,14 @@ def _plan(model: nn.Module, example: torch.Tensor) -> list[_Op] | None:
                     continue
                 ops.append(_Op("affine", a=1.0 / m.std.item(), b=-m.mean.item() / m.std.item()))
             elif isinstance(m, nn.Conv2d):
-                if m.groups != 1 or m.stride != (1, 1) or m.dilation != (1, 1) or m.padding_mode != "zeros" \
-                        or isinstance(m.padding, str):
+                if m.groups != 1 or m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
                     return None
                 b = m.bias if m.bias is not None else torch.zeros(m.out_channels, device=m.weight.device)
-                if m.padding == (0, 0) and tuple(shape_in[-2:]) == tuple(m.weight.shape[-2:]):
+                if m.padding == (0, 0) and m.stride == (1, 1) and tuple(shape_in[-2:]) == tuple(m.weight.shape[-2:]):
                     ops.append(_Op("linear", w=m.weight.flatten(1).clone(), b=b.clone(), shape=tuple(shape_in[1:])))
                     ops.append(_Op("unflat", shape=(m.out_channels, 1, 1)))
                 else:
-                    ops.append(_Op("conv", w=m.weight.clone(), b=b.clone(), pad=m.padding))
+                    ops.append(_Op("conv", w=m.weight.clone(), b=b.clone(), pad=m.padding, stride=tuple(m.stride)))
             elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                 if m.running_mean is None:
                     return None
@@ -179,7 +179,7 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
                 h = h * op.a + op.b
             elif op.kind == "conv":
                 saved.append(h)  # convolution_backward wants the input (for its shape and layout)
-                h = F.conv2d(h, op.w, op.b, padding=op.pad)
+                h = F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad)
                 continue
             elif op.kind == "linear":
                 if op.shape is not None:
@@ -208,7 +208,7 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
             elif op.kind == "conv":
                 # the kernel autograd uses (oneDNN where enabled); conv_transpose2d takes a slower path
                 g = torch.ops.aten.convolution_backward(
-                    g, s, op.w, None, [1, 1], list(_pads(op.pad)), [1, 1], False, [0, 0], 1,
+                    g, s, op.w, None, list(op.stride), list(_pads(op.pad)), [1, 1], False, [0, 0], 1,
                     [True, False, False])[0]
             elif op.kind == "linear":
                 g = g @ op.w
