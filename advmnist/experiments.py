@@ -330,6 +330,10 @@ def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: M
             verdict = "**MISS**"
             misses.append((v, delta))
         recipe = str(resolve_recipe(v.model, **v.overrides))
+        if v.adversarial:
+            adv = _adversarial(v)
+            recipe += (f"; {adv.method} training eps={adv.eps:g} steps={adv.steps} alpha={adv.step_size():g}"
+                       + (f" ramp={adv.ramp_epochs:g} epochs" if adv.ramp_epochs else ""))
         secs = statistics.fmean(r["wall_time_s"] for r in recs)
         lines.append(f"| {v.label} | `{v.model}` | {recipe} | {_fmt(v.reported)} | {mean:.2f} ± {sd:.2f} | "
                      f"{' / '.join(f'{a:.2f}' for a in accs)} | {_fmt(delta, '+.2f')} | {verdict} | {secs:.0f} |")
@@ -341,6 +345,11 @@ def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: M
         lines += ["", "Differences beyond the seeds' spread plus 0.5 pp:", ""]
         for v, delta in misses:
             lines.append(f"- **{v.label}**: {delta:+.2f} pp. {v.note or 'No explanation recorded in the spec.'}")
+    warned = [(v, r) for v, _, recs in rows for r in recs if r.get("warnings")]
+    if warned:
+        lines += ["", "Warnings recorded during training:", ""]
+        for v, r in warned:
+            lines += [f"- {v.label} (seed {r['seed']}): {w}" for w in r["warnings"]]
     if spec.per_class:
         lines += ["", "## Per-digit test accuracy (%), mean over seeds", "",
                   "| variant | " + " | ".join(str(d) for d in range(10)) + " |",
@@ -376,19 +385,24 @@ def _plot_histories(spec: Spec, rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for v, _, recs in rows:
+    for k, (v, _, recs) in enumerate(rows):
         epochs = [h["epoch"] for h in recs[0]["history"]]
         acc = [statistics.fmean(r["history"][i]["test_accuracy"] for r in recs) for i in range(len(epochs))]
-        line, = ax.plot(epochs, acc, "o-", ms=3, label=v.label)
+        line, = ax.plot(epochs, acc, ms=3, label=v.label, **_line_style(k))
         if all("robust_accuracy" in h for r in recs for h in r["history"]):
             robust = [statistics.fmean(r["history"][i]["robust_accuracy"] for r in recs) for i in range(len(epochs))]
-            ax.plot(epochs, robust, "s--", ms=3, color=line.get_color(),
+            ax.plot(epochs, robust, ":", marker="x", ms=4, color=line.get_color(),
                     label=f"{v.label}: PGD accuracy on the monitor images")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=spec.title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     pictures._save(fig, path)
+
+
+def _line_style(i: int) -> dict:
+    """Ten colours, then the same colours dashed with square markers: no two lines look alike."""
+    return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "marker": "o" if i < 10 else "s"}
 
 
 def _plot_robustness(rows, attack_cols, path: Path) -> None:
@@ -406,11 +420,11 @@ def _plot_robustness(rows, attack_cols, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.2), squeeze=False)
     for ax, (method, series) in zip(axes[0], sweeps.items()):
-        for name, pts in series.items():
+        for i, (name, pts) in enumerate(series.items()):
             ax.plot([0.0] + [p[0] for p in pts],
                     [statistics.fmean(r["test_accuracy"] for r in next(recs for v, _, recs in rows
                                                                         if v.label == name))]
-                    + [p[1] for p in pts], "o-", ms=3, label=name)
+                    + [p[1] for p in pts], ms=3, label=name, **_line_style(i))
         ax.set(xlabel="epsilon (Linf)", ylabel="robust accuracy (%)", title=method, ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
