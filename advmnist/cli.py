@@ -9,6 +9,8 @@ import click
 
 from .attacks.core import AttackError
 from .errors import AdvmnistError
+from .models import SCHEDULES
+from .train import ADVERSARIAL_METHODS
 
 
 class _Group(click.Group):
@@ -68,12 +70,12 @@ def models_cmd() -> None:
 @click.option("--dropout", type=float, default=None, help="Override the dropout probability.")
 @click.option("--batch-size", type=int, default=None, help="Override the batch size.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None, help="Override the optimizer.")
-@click.option("--schedule", type=click.Choice(["constant", "onecycle"]), default=None,
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Override the learning-rate schedule (onecycle: 0 -> lr -> 0).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--limit", type=int, default=None, help="Train on the first N images only (quick runs).")
-@click.option("--adv", type=click.Choice(["pgd", "fgsm-rs", "fgsm", "trades"]), default=None,
+@click.option("--adv", type=click.Choice(ADVERSARIAL_METHODS), default=None,
               help="Adversarial training: PGD (Madry), FGSM with random start, plain FGSM, or TRADES.")
 @click.option("--eps", type=float, default=0.3, show_default=True, help="With --adv: Linf bound.")
 @click.option("--adv-steps", type=int, default=40, show_default=True, help="With --adv pgd/trades: inner steps.")

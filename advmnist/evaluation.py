@@ -87,7 +87,7 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, s
               "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, "seed": seed,
               "settings": {"eps": eps, "steps": steps, "restarts": restarts, "targeted": targeted, "n": n,
                            "check_n": min(check_n, n)},
-              **{k: v for k, v in result.items() if k != "robust"}, "checks": checks,
+              **result, "checks": checks,
               "warnings": [f"sanity check failed: {c['check']} ({c['detail']})" for c in checks if not c["passed"]],
               "wall_time_s": round(time.perf_counter() - start, 1), "provenance": runs.provenance()}
     runs.write_json(run_dir / "eval" / "robust.json", record)

@@ -154,16 +154,25 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """The JSON record at `path`, computed and written first if it is not there yet."""
+    if not path.is_file():
+        runs.write_json(path, compute())
+    return runs.read_json(path)
+
+
 def _attack_cached(run: Path, data: MNIST, a: AttackEval, eps: float | None, seed: int) -> dict:
     """Overall attack measures for one run, computed once and cached in the run directory."""
     params = dict(a.params)
     if eps is not None:
         params["eps"] = eps
-    spec = get_attack(a.method)
     key = {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
-    cache = run / "attack-cache" / f"{a.method}-{_key(key)}.json"
-    if cache.is_file():
-        return runs.read_json(cache)["overall"]
+    return _cached(run / "attack-cache" / f"{a.method}-{_key(key)}.json",
+                   lambda: {**key, **_attack(run, data, a, params, seed)})["overall"]
+
+
+def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int) -> dict:
+    spec = get_attack(a.method)
     model, _ = runs.load_checkpoint(run)
     if spec.always_targeted:
         idx = torch.stack([(data.test_y == d).nonzero()[0, 0] for d in range(10)])
@@ -173,19 +182,22 @@ def _attack_cached(run: Path, data: MNIST, a: AttackEval, eps: float | None, see
     else:
         x, y = data.test_x[: a.limit], data.test_y[: a.limit]
         target, attack_y = None, y
-    kwargs = dict(params)  # the key above holds `params`; the generator is no part of it
+    kwargs = dict(params)  # the cache key holds `params`; the generator is no part of it
     if "generator" in spec.defaults():
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     with eval_mode(model):
         x_adv = spec.fn(model, x, attack_y, **kwargs)
         result = attack_measures(model, x, y, x_adv, target)
-    runs.write_json(cache, {**key, "overall": result["overall"], "seconds": time.perf_counter() - start})
-    return result["overall"]
+    return {"overall": result["overall"], "seconds": time.perf_counter() - start}
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _per_seed(values: list[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
@@ -250,9 +262,8 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
 
     robust = [[_robust_cached(run, data, spec.robust, seed, log) for run, seed in zip(found, spec.seeds)]
               for _, found, _ in rows] if spec.robust else []
-    page = _page(spec, spec_path, rows, attack_cols, results, data, pending)
-    if robust:
-        page = page.replace("{TRANSFER}", _robust_section(spec, rows, robust) + "{TRANSFER}")
+    page = _page(spec, spec_path, rows, attack_cols, results, data, pending,
+                 _robust_section(spec, rows, robust) if robust else "")
     transfer_md = _transfer(spec, rows, data, results, log) if spec.transfer else ""
     wall = time.perf_counter() - start
     text = page.replace("{TRANSFER}", transfer_md).replace(
@@ -269,15 +280,13 @@ def _robust_cached(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
     """`evaluate --robust` for one run, computed once and cached in the run directory."""
     from .evaluation import robust_evaluate_run
 
+    def compute() -> dict:
+        log(f"worst-case evaluation of {run.name}")
+        return robust_evaluate_run(run, data, eps=r.eps, steps=r.steps, restarts=r.restarts, limit=r.limit or None,
+                                   check_n=r.check_n, seed=seed, log=lambda m: log(f"  {m}"))
+
     key = {**dataclasses.asdict(r), "seed": seed, "data": data.checksum}
-    cache = run / "attack-cache" / f"robust-{_key(key)}.json"
-    if cache.is_file():
-        return runs.read_json(cache)
-    log(f"worst-case evaluation of {run.name}")
-    record = robust_evaluate_run(run, data, eps=r.eps, steps=r.steps, restarts=r.restarts, limit=r.limit or None,
-                                 check_n=r.check_n, seed=seed, log=lambda m: log(f"  {m}"))
-    runs.write_json(cache, record)
-    return record
+    return _cached(run / "attack-cache" / f"robust-{_key(key)}.json", compute)
 
 
 def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
@@ -293,7 +302,7 @@ def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
     for (v, _, _), recs in zip(rows, robust):
         accs = [x["robust_accuracy"] for x in recs]
         lines.append(f"| {v.label} | {statistics.fmean(x['clean_accuracy'] for x in recs):.2f} | "
-                     f"{statistics.fmean(accs):.2f} | {' / '.join(f'{a:.2f}' for a in accs)} | "
+                     f"{statistics.fmean(accs):.2f} | {_per_seed(accs)} | "
                      f"{statistics.fmean(x['wall_time_s'] for x in recs):.0f} |")
     for (v, _, _), recs in zip(rows, robust):
         rec = recs[0]
@@ -307,7 +316,7 @@ def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
 
 
 def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: MNIST,
-          pending: list[Variant] = ()) -> str:
+          pending: list[Variant] = (), robust_md: str = "") -> str:
     lines = [f"# {spec.title}", "", spec.description.strip(), "",
              f"Spec: `{spec_path.as_posix()}`. Command: `advmnist experiment run {spec_path.as_posix()}`.",
              f"Seeds: {', '.join(map(str, spec.seeds))}; training images: {len(data.train_x)}; "
@@ -331,12 +340,10 @@ def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: M
             misses.append((v, delta))
         recipe = str(resolve_recipe(v.model, **v.overrides))
         if v.adversarial:
-            adv = _adversarial(v)
-            recipe += (f"; {adv.method} training eps={adv.eps:g} steps={adv.steps} alpha={adv.step_size():g}"
-                       + (f" ramp={adv.ramp_epochs:g} epochs" if adv.ramp_epochs else ""))
+            recipe += f"; {_adversarial(v)}"
         secs = statistics.fmean(r["wall_time_s"] for r in recs)
         lines.append(f"| {v.label} | `{v.model}` | {recipe} | {_fmt(v.reported)} | {mean:.2f} ± {sd:.2f} | "
-                     f"{' / '.join(f'{a:.2f}' for a in accs)} | {_fmt(delta, '+.2f')} | {verdict} | {secs:.0f} |")
+                     f"{_per_seed(accs)} | {_fmt(delta, '+.2f')} | {verdict} | {secs:.0f} |")
     if pending:
         lines += ["", "**Pending** (not trained yet, left out of every table below; `advmnist experiment run "
                   f"{spec_path.as_posix()}` trains them and reuses everything else): "
@@ -377,7 +384,7 @@ def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: M
         plot = f"{spec.name}_robustness.png"
         _plot_robustness(rows, attack_cols, results / plot)
         lines += ["", f"![robust accuracy against eps]({plot})", ""]
-    lines += ["{TRANSFER}", ""]
+    lines += [robust_md + "{TRANSFER}", ""]
     return "\n".join(lines)
 
 

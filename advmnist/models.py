@@ -20,6 +20,9 @@ from torch import nn
 from .errors import ModelError
 
 
+SCHEDULES = ("constant", "onecycle")  # the values of Recipe.schedule
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How a report trained its model; `advmnist train` overrides any field."""

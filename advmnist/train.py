@@ -21,10 +21,12 @@ from tqdm.auto import tqdm
 
 from . import runs
 from .attacks import pgd
+from .attacks.core import project_linf
 from .data import MNIST, load_mnist
 from .errors import AdvmnistError
 from .measures import eval_mode, evaluate
-from .models import Recipe, create_model, get_spec
+from .models import SCHEDULES, Recipe, create_model, get_spec
+from .robustness import pgd_accuracy
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -68,9 +70,6 @@ def check_recipe(recipe: Recipe) -> None:
         raise AdvmnistError(f"unknown learning-rate schedule {recipe.schedule!r}; use {' or '.join(SCHEDULES)}")
 
 
-SCHEDULES = ("constant", "onecycle")
-
-
 def learning_rate(recipe: Recipe, progress: float) -> float:
     """The learning rate at `progress` (epochs done, fractional). "onecycle" rises linearly from 0
     to lr over the first 40% of training and falls back to 0 (the cyclic schedule of Wong et al.,
@@ -79,6 +78,9 @@ def learning_rate(recipe: Recipe, progress: float) -> float:
         return recipe.lr
     t = min(max(progress / recipe.epochs, 0.0), 1.0)
     return recipe.lr * (t / 0.4 if t < 0.4 else (1.0 - t) / 0.6)
+
+
+ADVERSARIAL_METHODS = ("pgd", "fgsm-rs", "fgsm", "trades")
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,8 @@ class Adversarial:
     monitor_steps: int = 20  # PGD steps of that monitor
 
     def check(self) -> None:
-        if self.method not in ("pgd", "fgsm-rs", "fgsm", "trades"):
-            raise AdvmnistError(f"unknown adversarial training {self.method!r}; use pgd, fgsm-rs, fgsm or trades")
+        if self.method not in ADVERSARIAL_METHODS:
+            raise AdvmnistError(f"unknown adversarial training {self.method!r}; use {', '.join(ADVERSARIAL_METHODS)}")
         if self.eps < 0 or self.steps < 1 or (self.alpha is not None and self.alpha <= 0):
             raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
 
@@ -106,6 +108,14 @@ class Adversarial:
             return self.alpha
         return {"pgd": 2.5 * self.eps / self.steps, "fgsm-rs": 1.25 * self.eps, "fgsm": self.eps,
                 "trades": 2.0 * self.eps / self.steps}[self.method]
+
+    def eps_at(self, progress: float) -> float:
+        """Training eps after `progress` epochs (fractional): linear from 0 over ramp_epochs, then eps."""
+        return self.eps * (min(1.0, progress / self.ramp_epochs) if self.ramp_epochs > 0 else 1.0)
+
+    def __str__(self) -> str:
+        text = f"{self.method} training eps={self.eps:g} steps={self.steps} alpha={self.step_size():g}"
+        return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
 
 
 def _trades_example(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
@@ -119,7 +129,7 @@ def _trades_example(model: nn.Module, x: torch.Tensor, eps: float, alpha: float,
         with torch.enable_grad():
             kl = F.kl_div(F.log_softmax(model(adv), dim=1), p_nat, reduction="sum")
             (grad,) = torch.autograd.grad(kl, adv)
-        adv = torch.min(torch.max(adv + alpha * grad.sign(), x - eps), x + eps).clamp(0, 1)
+        adv = project_linf(adv + alpha * grad.sign(), x, eps).clamp(0, 1)
     return adv.detach()
 
 
@@ -184,11 +194,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def monitor_robustness(model: nn.Module, data: MNIST, adv: Adversarial) -> float:
     """PGD accuracy (%) on the first `adv.monitor` test images at the full training eps."""
-    x, y = data.test_x[:adv.monitor], data.test_y[:adv.monitor]
     with eval_mode(model):
-        x_adv = pgd(model, x, y, eps=adv.eps, steps=adv.monitor_steps, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            return 100.0 * (model(x_adv).argmax(1) == y).float().mean().item()
+        return pgd_accuracy(model, data.test_x[:adv.monitor], data.test_y[:adv.monitor], adv.eps, adv.monitor_steps)
 
 
 def detect_overfitting(history: list[dict], drop: float = 20.0) -> list[str]:
@@ -200,17 +207,22 @@ def detect_overfitting(history: list[dict], drop: float = 20.0) -> list[str]:
     """
     warnings, best = [], None
     for h in history:
-        r = h.get("robust_accuracy")
-        if r is None:
+        if h.get("robust_accuracy") is None:
             continue
-        if best is not None and r < best - drop:
-            warnings.append(f"epoch {h['epoch']}: PGD accuracy fell to {r:.1f}% from {best:.1f}% "
-                            f"(catastrophic overfitting)")
-        elif h["epoch"] > 1 and not h.get("ramping") and r < 10.0 and h["test_accuracy"] > 80.0:
-            warnings.append(f"epoch {h['epoch']}: PGD accuracy {r:.1f}% at {h['test_accuracy']:.1f}% clean "
-                            f"accuracy (robustness collapsed or never came)")
-        best = r if best is None else max(best, r)
+        warnings += _epoch_warnings(h, best, drop)
+        best = h["robust_accuracy"] if best is None else max(best, h["robust_accuracy"])
     return warnings
+
+
+def _epoch_warnings(h: dict, best: float | None, drop: float = 20.0) -> list[str]:
+    """detect_overfitting for one epoch, given the best monitored PGD accuracy before it."""
+    r = h["robust_accuracy"]
+    if best is not None and r < best - drop:
+        return [f"epoch {h['epoch']}: PGD accuracy fell to {r:.1f}% from {best:.1f}% (catastrophic overfitting)"]
+    if h["epoch"] > 1 and not h.get("ramping") and r < 10.0 and h["test_accuracy"] > 80.0:
+        return [f"epoch {h['epoch']}: PGD accuracy {r:.1f}% at {h['test_accuracy']:.1f}% clean "
+                f"accuracy (robustness collapsed or never came)"]
+    return []
 
 
 def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progress: bool = False,
@@ -233,17 +245,12 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
     best: tuple[float, int, dict] | None = None
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
-        schedule = None
-        if adversarial is not None:
-            ramp = adversarial.ramp_epochs
-
-            def schedule(frac: float, e=epoch) -> float:
-                return adversarial.eps * (min(1.0, (e - 1 + frac) / ramp) if ramp > 0 else 1.0)
-
         with tqdm(total=len(data.train_x), desc=f"epoch {epoch}/{recipe.epochs}", unit="img",
                   disable=not progress, leave=False) as bar:
             stats = train_epoch(model, optimizer, data.train_x, data.train_y, recipe.batch_size,
-                                generator, bar, loss_fn=loss_fn, eps_schedule=schedule,
+                                generator, bar, loss_fn=loss_fn,
+                                eps_schedule=None if adversarial is None
+                                else lambda frac, e=epoch: adversarial.eps_at(e - 1 + frac),
                                 lr_schedule=None if recipe.schedule == "constant"
                                 else lambda frac, e=epoch: learning_rate(recipe, e - 1 + frac))
         train_seconds = time.perf_counter() - start
@@ -254,7 +261,7 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
             stats["robust_accuracy"] = monitor_robustness(model, data, adversarial)
             if adversarial.ramp_epochs > epoch:
                 stats["ramping"] = True
-            stats["warnings"] = [w for w in detect_overfitting(history + [stats]) if w.startswith(f"epoch {epoch}:")]
+            stats["warnings"] = _epoch_warnings(stats, best[0] if best else None)
             if best is None or stats["robust_accuracy"] > best[0]:
                 best = (stats["robust_accuracy"], epoch, copy.deepcopy(model.state_dict()))
         history.append(stats)
