@@ -24,6 +24,7 @@ from .attacks import pgd
 from .attacks.core import project_linf
 from .data import MNIST, load_mnist
 from .errors import AdvmnistError
+from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
 from .models import SCHEDULES, Recipe, create_model, get_spec
 from .robustness import pgd_accuracy
@@ -166,6 +167,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch, and
     `lr_schedule(fraction)` the optimizer's learning rate.
     """
+    keep_freed_memory()
     model.train()
     n = len(x)
     order = torch.randperm(n, generator=generator).to(x.device)

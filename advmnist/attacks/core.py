@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..memory import keep_freed_memory
+
 
 class AttackError(ValueError):
     """An invalid attack parameter or an unknown attack name."""
@@ -101,6 +103,7 @@ def gradient_fn(model: nn.Module, example: torch.Tensor, fast: bool = True):
     """The input-gradient function an attack uses: the folded fast path where the model allows it
     (see `fast.py`), else autograd. Call once per attack, inside `frozen(model)`."""
     if fast:
+        keep_freed_memory()
         from .fast import compile_grad
 
         compiled = compile_grad(model, example)

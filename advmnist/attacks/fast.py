@@ -4,8 +4,10 @@ An attack step needs only d CE / d x with frozen weights. For an `nn.Sequential`
 MNIST zoo uses (Normalize, Conv2d, BatchNorm in eval mode, MaxPool2d, ReLU, Flatten, Linear,
 Dropout in eval mode), `compile_grad` folds normalisation and BatchNorm into the neighbouring
 conv/linear weights, turns convolutions that cover their whole input map into matrix products,
-drops eval-mode dropout, and returns a function that runs the forward pass and the backward pass
-to the input directly: about a dozen kernels per step instead of autograd's graph. The result
+drops eval-mode dropout, fuses a leading one-channel conv + 2x2 max-pool into one banded matrix
+product whose output the later layers read channels-last (`_ConvPool`), and returns a function that
+runs the forward pass and the backward pass to the input directly: about a dozen kernels per step
+instead of autograd's graph. The result
 equals autograd's to float rounding (tested for every registry model). Anything else, a layer it
 does not know or a module in train mode, returns None, and the caller uses autograd.
 
@@ -27,6 +29,7 @@ from torch import nn
 GradFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 SMALL_BATCH = 100  # below this, convolutions run without oneDNN
+MIN_CHANNELS = 10  # fewest output channels for which a first conv + pool is fused (`_ConvPool`)
 
 # Toggling oneDNN also touches its TF32 setting, which warns on every CPU build; say it never.
 warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
@@ -50,11 +53,97 @@ def _flat_layers(model: nn.Module) -> list[nn.Module] | None:
 
 
 class _Op:
-    __slots__ = ("kind", "w", "b", "pad", "k", "shape", "a", "stride")
+    __slots__ = ("kind", "w", "b", "pad", "k", "shape", "a", "stride", "cl", "fused")
 
     def __init__(self, kind: str, w=None, b=None, pad=0, k=0, shape=None, a=None, stride=(1, 1)):
         self.kind, self.w, self.b, self.pad, self.k, self.shape, self.a = kind, w, b, pad, k, shape, a
         self.stride = stride
+        self.cl = False  # flatten / whole-map linear reading a channels-last map
+        self.fused: _ConvPool | None = None
+
+
+class _ConvPool:
+    """A one-channel k x k convolution followed by 2x2 max-pool, as one matrix product.
+
+    Why: a convolution with one input channel is the slowest kernel of every zoo net (oneDNN runs
+    it at a tenth of the matmul rate; its input gradient is worse), and the NCHW max-pool after it
+    costs as much again. Here each pooled output's four conv outputs, for W neighbouring pooled
+    columns, come from one (k+1) x (2W+k-1) input window: the image is cut into such windows
+    (one copy) and multiplied by a banded weight matrix T, giving the conv map laid out as
+    (window, dy, j, dx, channel). Max-pool then runs on that layout as a channels-last pool of
+    tiny images (fast), and the pooled map comes out channels-last, which the layers after it
+    keep. The input gradient is the transpose: one product with T^T and a few shifted adds.
+    T holds zeros where a window column is out of a filter's reach: (2W+k-1)/(2W) more FLOPs than
+    the direct convolution, on a kernel that runs near the matmul rate.
+    """
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, pad: tuple[int, int], in_hw: tuple[int, int]):
+        c, _, k, _ = w.shape
+        self.k, self.c, self.pad, self.b = k, c, pad, b
+        self.h, self.w_in = in_hw
+        self.ph = (self.h + 2 * pad[0] - k + 1) // 2
+        self.pw = (self.w_in + 2 * pad[1] - k + 1) // 2
+        # smallest block giving a product at least ~200 wide (narrower ones run far below the
+        # matmul rate), then the one that wastes fewest padded columns
+        w_min = min(self.pw, max(1, -(-200 // (4 * c))))
+        self.W = min(range(w_min, min(self.pw, 2 * w_min) + 1), key=lambda v: (-(-self.pw // v) * v, v))
+        self.nb = -(-self.pw // self.W)
+        self.win = 2 * self.W + k - 1
+        t = w.new_zeros(k + 1, self.win, 2, self.W, 2, c)
+        taps = w[:, 0].permute(1, 2, 0)  # (k, k, c)
+        for dy in range(2):
+            for j in range(self.W):
+                for dx in range(2):
+                    t[dy:dy + k, 2 * j + dx:2 * j + dx + k, dy, j, dx] = taps
+        self.t = t.reshape((k + 1) * self.win, 4 * self.W * c)
+        self.tt = self.t.t().contiguous()
+        self.hp = 2 * self.ph + k - 1  # input rows read (padding included)
+        self.wp = max(2 * self.nb * self.W + k - 1, self.w_in + 2 * pad[1])  # columns, right-padded
+
+    @staticmethod
+    def supports(op: _Op, nxt: list[_Op]) -> bool:
+        kinds = [o.kind for o in nxt[:2]]
+        pool = nxt[1] if kinds == ["relu", "pool"] else nxt[0] if kinds[:1] == ["pool"] else None
+        # with few output channels the product is too narrow or too sparse to beat oneDNN (lenet's
+        # 6 channels: measured 0.9x)
+        return (op.kind == "conv" and op.w.shape[1] == 1 and op.w.shape[0] >= MIN_CHANNELS
+                and op.stride == (1, 1) and op.w.shape[2] == op.w.shape[3] and op.w.shape[2] % 2 == 1
+                and pool is not None and pool.k == 2)
+
+    def forward(self, h: torch.Tensor):
+        n = len(h)
+        ph, pw = self.pad
+        x = h.reshape(n, self.h, self.w_in)
+        x = F.pad(x, (pw, self.wp - self.w_in - pw, ph, max(0, self.hp - self.h - ph))).contiguous()
+        rows, cols = x.shape[1:]
+        m = n * self.ph * self.nb
+        win = x.as_strided((n, self.ph, self.nb, self.k + 1, self.win), (rows * cols, 2 * cols, 2 * self.W, cols, 1))
+        y = (win.reshape(m, -1) @ self.t).view(m, 2, 2 * self.W, self.c).permute(0, 3, 1, 2)
+        pooled, idx = F.max_pool2d(y, 2, return_indices=True)  # (m, c, 1, W), channels-last
+        out = pooled.permute(0, 2, 3, 1).reshape(n, self.ph, self.nb * self.W, self.c)[:, :, :self.pw] + self.b
+        return out.permute(0, 3, 1, 2), (y, idx, n)
+
+    def backward(self, g: torch.Tensor, saved) -> torch.Tensor:
+        y, idx, n = saved
+        g = g.permute(0, 2, 3, 1)
+        if self.nb * self.W != self.pw:
+            g = F.pad(g, (0, 0, 0, self.nb * self.W - self.pw))
+        g = g.reshape(len(y), 1, self.W, self.c).permute(0, 3, 1, 2)
+        gy = torch.ops.aten.max_pool2d_with_indices_backward(g, y, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+        cols = (gy.permute(0, 2, 3, 1).reshape(len(y), -1) @ self.tt).view(
+            n, self.ph, self.nb, (self.k + 1) // 2, 2, self.win)
+        step = 2 * self.W
+        chunks = -(-self.win // step)
+        ph, pw = self.pad
+        pairs = max(self.ph + (self.k + 1) // 2 - 1, -(-(ph + self.h) // 2))
+        gx = cols.new_zeros(n, pairs, 2, max(step * (self.nb + chunks - 1), pw + self.w_in))
+        for q in range((self.k + 1) // 2):  # window rows 2q, 2q+1 land on input row pair I + q
+            for s in range(chunks):  # window columns [step*s, step*(s+1)) land on block bi + s
+                width = min(step, self.win - step * s)
+                dst = gx[:, q:q + self.ph, :, step * s:step * (s + self.nb)].unflatten(-1, (self.nb, step))
+                dst[..., :width] += cols[:, :, :, q, :, step * s:step * s + width].transpose(2, 3)
+        gx = gx.flatten(1, 2)[:, ph:ph + self.h, pw:pw + self.w_in]
+        return gx.reshape(n, 1, self.h, self.w_in)
 
 
 def _plan(model: nn.Module, example: torch.Tensor) -> list[_Op] | None:
@@ -121,7 +210,38 @@ def _plan(model: nn.Module, example: torch.Tensor) -> list[_Op] | None:
             else:
                 return None
             x = m(x)
-    return _simplify(ops)
+    return _channels_last(_simplify(ops), tuple(example.shape[-2:]))
+
+
+def _channels_last(ops: list[_Op], in_hw: tuple[int, int]) -> list[_Op]:
+    """Fuse a leading one-channel conv + 2x2 pool (see `_ConvPool`); the layers after it then run on
+    its channels-last output, and the first flatten reads the map in (h, w, c) order, its next
+    linear layer's columns permuted to match. Plans that do not fit stay as they are."""
+    i = 0
+    while i < len(ops) and ops[i].kind == "affine":
+        i += 1
+    if i == len(ops) or not _ConvPool.supports(ops[i], ops[i + 1:]):
+        return ops
+    conv = ops[i]
+    relu = sorted(o.kind for o in ops[i + 1:i + 3]) == ["pool", "relu"]  # ReLU and max-pool commute
+    skip = 3 if relu else 2
+    fused = _Op("convpool")
+    fused.fused = _ConvPool(conv.w, conv.b, _pads(conv.pad), in_hw)
+    out = ops[:i] + [fused] + ([_Op("relu")] if relu else [])
+    rest = ops[i + skip:]
+    for j, op in enumerate(rest):
+        if op.kind in ("conv", "relu", "pool"):
+            continue
+        if op.kind == "flatten" and j + 1 < len(rest) and rest[j + 1].kind == "linear":
+            op.cl, lin, shape = True, rest[j + 1], op.shape
+        elif op.kind == "linear" and op.shape is not None:
+            op.cl, lin, shape = True, op, op.shape
+        else:
+            return ops  # something else reads the map: keep the plain plan
+        c, h, w = shape
+        lin.w = lin.w.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(lin.w.shape[0], -1).contiguous()
+        return out + rest
+    return ops
 
 
 def _simplify(ops: list[_Op]) -> list[_Op]:
@@ -177,18 +297,22 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
         for op in ops:
             if op.kind == "affine":
                 h = h * op.a + op.b
+            elif op.kind == "convpool":
+                h, s = op.fused.forward(h)
+                saved.append(s)
+                continue
             elif op.kind == "conv":
                 saved.append(h)  # convolution_backward wants the input (for its shape and layout)
                 h = F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad)
                 continue
             elif op.kind == "linear":
                 if op.shape is not None:
-                    h = h.flatten(1)
+                    h = _flatten(h, op.cl)
                 h = F.linear(h, op.w, op.b)
             elif op.kind == "unflat":
                 h = h.view(h.shape[0], *op.shape)
             elif op.kind == "flatten":
-                h = h.flatten(1)
+                h = _flatten(h, op.cl)
             elif op.kind == "relu":
                 h = torch.relu(h)
                 saved.append(h)
@@ -205,6 +329,8 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
         for op, s in zip(reversed(ops), reversed(saved)):
             if op.kind == "affine":
                 g = g * op.a
+            elif op.kind == "convpool":
+                g = op.fused.backward(g, s)
             elif op.kind == "conv":
                 # the kernel autograd uses (oneDNN where enabled); conv_transpose2d takes a slower path
                 g = torch.ops.aten.convolution_backward(
@@ -213,11 +339,11 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
             elif op.kind == "linear":
                 g = g @ op.w
                 if op.shape is not None:
-                    g = g.view(g.shape[0], *op.shape)
+                    g = _unflatten(g, op.shape, op.cl)
             elif op.kind == "unflat":
                 g = g.flatten(1)
             elif op.kind == "flatten":
-                g = g.view(g.shape[0], *op.shape)
+                g = _unflatten(g, op.shape, op.cl)
             elif op.kind == "relu":
                 g = torch.ops.aten.threshold_backward(g, s, 0)
             elif op.kind == "pool":
@@ -227,6 +353,15 @@ def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
         return g, logits.detach()
 
     return grad_fn
+
+
+def _flatten(h: torch.Tensor, cl: bool) -> torch.Tensor:
+    return h.permute(0, 2, 3, 1).reshape(len(h), -1) if cl else h.flatten(1)
+
+
+def _unflatten(g: torch.Tensor, shape: tuple[int, int, int], cl: bool) -> torch.Tensor:
+    c, h, w = shape
+    return g.view(len(g), h, w, c).permute(0, 3, 1, 2) if cl else g.view(len(g), c, h, w)
 
 
 def _pads(pad) -> tuple[int, int]:
