@@ -47,6 +47,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     best = x.clone()
     best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     best_score = torch.full((len(x),), -float("inf"), device=x.device)
+    lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # the Linf ball within [0, 1]
     with frozen(model):
         grad_fn = gradient_fn(model, x, fast)
         for _ in range(restarts):
@@ -54,10 +55,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
             for step in range(int(steps)):
                 grad, _ = grad_fn(adv, y)
                 if norm == "linf":
-                    adv = adv + sign * alpha * grad.sign()
+                    # project-then-clip in one clamp: equal to project_linf(...).clamp(0, 1)
+                    adv = torch.clamp(adv + (sign * alpha) * grad.sign_(), lo, hi)
                 else:
-                    adv = adv + sign * alpha * grad / l2_norm(grad).clamp_min(1e-12)
-                adv = project(adv, x, eps).clamp(0, 1)
+                    adv = project(adv + sign * alpha * grad / l2_norm(grad).clamp_min(1e-12), x, eps).clamp(0, 1)
                 if callback is not None:
                     callback(step, adv)
             loss, logits = per_example_loss(model, adv, y)
