@@ -208,13 +208,16 @@ def _floats(ctx, param, value):
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--no-fast", is_flag=True, help="Plain autograd gradients instead of the fast path (to compare).")
 def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, alpha, norm, restarts,
-               random_start, targeted, target_map, per_digit, limit, seed, device, out, data_dir, quiet) -> None:
+               random_start, targeted, target_map, per_digit, limit, seed, device, out, data_dir, quiet,
+               no_fast) -> None:
     """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html."""
     from .attacking import run_attack
 
     params = {"eta": eta, "lam": lam, "steps": steps, "init": init, "clamp": clamp, "lr": lr,
-              "alpha": alpha, "norm": norm, "restarts": restarts, "random_start": random_start}
+              "alpha": alpha, "norm": norm, "restarts": restarts, "random_start": random_start,
+              "fast": False if no_fast else None}
     if eps is not None and len(eps) == 1:
         params["eps"], eps = eps[0], None
         if params["eps"] < 0:

@@ -124,3 +124,15 @@ def test_attack_error_paths(trained_run, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not [p for p in (out / "attacks").glob(".partial-*")]
+
+
+def test_no_fast_attacks_with_plain_autograd_and_records_it(trained_run):
+    out, _ = trained_run
+    args = ["attack", "--method", "pgd", "--eps", "0.2", "--steps", "10", "--limit", "100", "--out", str(out), "--quiet"]
+    fast, plain = CliRunner().invoke(main, args), CliRunner().invoke(main, args + ["--no-fast"])
+    assert fast.exit_code == 0 and plain.exit_code == 0, plain.output
+    records = sorted((out / "attacks").glob("*-pgd-*/record.json"), key=lambda p: p.stat().st_mtime)[-2:]
+    (a,), (b,) = [json.loads(p.read_text())["results"] for p in records]
+    assert a["params"]["fast"] is True and b["params"]["fast"] is False
+    # same attack strength either way (max-pool ties may route single gradients differently)
+    assert abs(a["overall"]["fooling_rate"] - b["overall"]["fooling_rate"]) <= 5
