@@ -16,26 +16,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_state: dict[str, bool] = {}
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds (once per process); True if they are raised."""
-    if "done" in _state:
-        return _state["done"]
-    done = False
-    if os.environ.get("ADVMNIST_KEEP_MEMORY", "1") != "0":
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):
-            mallopt = None
-        if mallopt is not None:
-            # glibc refuses thresholds over half its heap size on some versions: fall back to 32 MiB
-            done = bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20))
-            done = done and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
-    _state["done"] = done
-    return done
+    if os.environ.get("ADVMNIST_KEEP_MEMORY", "1") == "0":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # glibc refuses thresholds over half its heap size on some versions: fall back to 32 MiB
+    raised = mallopt(_M_MMAP_THRESHOLD, 1 << 30) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    return bool(raised and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))

@@ -272,13 +272,9 @@ def bench_penalty(model_file: str, data, steps: int, ref_steps: int) -> list[dic
              "note": f"{ours['reached']}/10 digits reach their target{scaled}"}]
 
 
-def trained_improved_bn(data, path: str) -> str:
-    """A briefly trained improved-bn, saved for the workers (speed does not depend on accuracy;
-    the attacks must still work). Trained in a worker so this process's allocator stays default."""
-    return worker("train_for_bench", path=path)
-
-
 def train_for_bench(data, path: str) -> str:
+    """A briefly trained improved-bn, saved for the PGD and penalty workers (speed does not depend
+    on accuracy; the attacks must still work). Run as a worker: this process's allocator stays default."""
     torch.manual_seed(0)
     model = create_model("improved-bn")
     train_epoch(model, sgd(model), data.train_x[:20000], data.train_y[:20000], 64, torch.Generator().manual_seed(0))
@@ -354,7 +350,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_file = os.path.join(tmp, "improved-bn.pt")
         if {"pgd", "penalty"} & set(parts):
-            trained_improved_bn(data, model_file)
+            worker("train_for_bench", path=model_file)
         if "train" in parts:
             rows += bench_train(data, 50 if args.quick else None)
         if "pgd" in parts:

@@ -45,12 +45,7 @@ def main() -> None:
         model = create_model(name).eval()
         for q in model.parameters():
             q.requires_grad_(False)
-        fused = fast.compile_grad(model, x[:1])
-        saved, fast.MIN_CHANNELS = fast.MIN_CHANNELS, 1 << 30
-        try:
-            unfused = fast.compile_grad(model, x[:1])
-        finally:
-            fast.MIN_CHANNELS = saved
+        fused, unfused = fast.compile_grad(model, x[:1]), fast.compile_grad(model, x[:1], fuse=False)
         t_f, t_u = best_ms(lambda: fused(x, y), reps), best_ms(lambda: unfused(x, y), reps)
         t_a = best_ms(lambda: input_grad(model, x, y), reps)
         print(f"{name:<12} {t_f:8.1f} {t_u:8.1f} {t_a:9.1f} {t_u / t_f:13.2f}x", flush=True)

@@ -101,20 +101,25 @@ class _ConvPool:
         self.wp = max(2 * self.nb * self.W + k - 1, self.w_in + 2 * pad[1])  # columns, right-padded
 
     @staticmethod
-    def supports(op: _Op, nxt: list[_Op]) -> bool:
-        kinds = [o.kind for o in nxt[:2]]
-        pool = nxt[1] if kinds == ["relu", "pool"] else nxt[0] if kinds[:1] == ["pool"] else None
+    def match(ops: list[_Op]) -> int:
+        """How many ops from ops[0] this layer replaces: conv, pool (3 with a ReLU before or after
+        the pool: the two commute); 0 if they do not fit."""
+        conv = ops[0]
+        kinds = [o.kind for o in ops[1:3]]
+        n = 3 if kinds in (["relu", "pool"], ["pool", "relu"]) else 2 if kinds[:1] == ["pool"] else 0
         # with few output channels the product is too narrow or too sparse to beat oneDNN (lenet's
         # 6 channels: measured 0.9x)
-        return (op.kind == "conv" and op.w.shape[1] == 1 and op.w.shape[0] >= MIN_CHANNELS
-                and op.stride == (1, 1) and op.w.shape[2] == op.w.shape[3] and op.w.shape[2] % 2 == 1
-                and pool is not None and pool.k == 2)
+        fits = (conv.kind == "conv" and conv.w.shape[1] == 1 and conv.w.shape[0] >= MIN_CHANNELS
+                and conv.stride == (1, 1) and conv.w.shape[2] == conv.w.shape[3] and conv.w.shape[2] % 2 == 1)
+        pool = next((o for o in ops[1:n] if o.kind == "pool"), None)
+        return n if fits and pool is not None and pool.k == 2 else 0
 
     def forward(self, h: torch.Tensor):
         n = len(h)
         ph, pw = self.pad
         x = h.reshape(n, self.h, self.w_in)
-        x = F.pad(x, (pw, self.wp - self.w_in - pw, ph, max(0, self.hp - self.h - ph))).contiguous()
+        pads = (pw, self.wp - self.w_in - pw, ph, max(0, self.hp - self.h - ph))
+        x = F.pad(x, pads) if any(pads) else x.contiguous()
         rows, cols = x.shape[1:]
         m = n * self.ph * self.nb
         win = x.as_strided((n, self.ph, self.nb, self.k + 1, self.win), (rows * cols, 2 * cols, 2 * self.W, cols, 1))
@@ -146,8 +151,9 @@ class _ConvPool:
         return gx.reshape(n, 1, self.h, self.w_in)
 
 
-def _plan(model: nn.Module, example: torch.Tensor) -> list[_Op] | None:
-    """Fold the layers into conv/linear/pool/relu/reshape ops; None if a layer is not supported."""
+def _plan(model: nn.Module, example: torch.Tensor, fuse: bool = True) -> list[_Op] | None:
+    """Fold the layers into conv/linear/pool/relu/reshape ops; None if a layer is not supported.
+    `fuse=False` leaves a leading conv + pool unfused (to measure what fusing gains)."""
     from ..models import Normalize  # a leaf module with no dependencies
 
     layers = _flat_layers(model)
@@ -210,7 +216,8 @@ def _plan(model: nn.Module, example: torch.Tensor) -> list[_Op] | None:
             else:
                 return None
             x = m(x)
-    return _channels_last(_simplify(ops), tuple(example.shape[-2:]))
+    ops = _simplify(ops)
+    return _channels_last(ops, tuple(example.shape[-2:])) if fuse else ops
 
 
 def _channels_last(ops: list[_Op], in_hw: tuple[int, int]) -> list[_Op]:
@@ -220,15 +227,14 @@ def _channels_last(ops: list[_Op], in_hw: tuple[int, int]) -> list[_Op]:
     i = 0
     while i < len(ops) and ops[i].kind == "affine":
         i += 1
-    if i == len(ops) or not _ConvPool.supports(ops[i], ops[i + 1:]):
+    replaced = _ConvPool.match(ops[i:]) if i < len(ops) else 0
+    if not replaced:
         return ops
     conv = ops[i]
-    relu = sorted(o.kind for o in ops[i + 1:i + 3]) == ["pool", "relu"]  # ReLU and max-pool commute
-    skip = 3 if relu else 2
     fused = _Op("convpool")
     fused.fused = _ConvPool(conv.w, conv.b, _pads(conv.pad), in_hw)
-    out = ops[:i] + [fused] + ([_Op("relu")] if relu else [])
-    rest = ops[i + skip:]
+    out = ops[:i] + [fused] + ([_Op("relu")] if replaced == 3 else [])  # ReLU after the pool
+    rest = ops[i + replaced:]
     for j, op in enumerate(rest):
         if op.kind in ("conv", "relu", "pool"):
             continue
@@ -272,14 +278,14 @@ def _simplify(ops: list[_Op]) -> list[_Op]:
     return out
 
 
-def compile_grad(model: nn.Module, example: torch.Tensor) -> GradFn | None:
+def compile_grad(model: nn.Module, example: torch.Tensor, fuse: bool = True) -> GradFn | None:
     """A function (x, y) -> (d sum CE / d x, logits) for `model`, or None where unsupported.
 
     `example` is one input (1, C, H, W) used to trace shapes. Weights are copied now: compile again
-    after the model changes.
+    after the model changes. `fuse=False` skips `_ConvPool` (for comparison).
     """
     try:
-        ops = _plan(model, example[:1])
+        ops = _plan(model, example[:1], fuse)
     except (RuntimeError, ValueError):
         return None
     if ops is None or not ops:

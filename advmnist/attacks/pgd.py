@@ -47,7 +47,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     best = x.clone()
     best_success = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     best_score = torch.full((len(x),), -float("inf"), device=x.device)
-    lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # the Linf ball within [0, 1]
+    if norm == "linf":
+        lo, hi = (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)  # the ball within [0, 1]
     with frozen(model):
         grad_fn = gradient_fn(model, x, fast)
         for _ in range(restarts):
