@@ -18,9 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-
-
-SCHEDULES = ("constant", "onecycle")  # the values of Recipe.schedule
+from .names import SCHEDULES  # noqa: F401  (the values of Recipe.schedule; defined without torch for the CLI)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .errors import AdvmnistError
 from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
 from .models import SCHEDULES, Recipe, create_model, get_spec
+from .names import ADVERSARIAL_METHODS  # defined without torch, for the CLI
 from .robustness import pgd_accuracy
 
 
@@ -79,9 +80,6 @@ def learning_rate(recipe: Recipe, progress: float) -> float:
         return recipe.lr
     t = min(max(progress / recipe.epochs, 0.0), 1.0)
     return recipe.lr * (t / 0.4 if t < 0.4 else (1.0 - t) / 0.6)
-
-
-ADVERSARIAL_METHODS = ("pgd", "fgsm-rs", "fgsm", "trades")
 
 
 @dataclass(frozen=True)
