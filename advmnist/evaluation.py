@@ -68,27 +68,55 @@ def evaluate_run(run_dir: str | Path, data: MNIST, *, image_index: int = 0, samp
     return record
 
 
-def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, steps: int = 100,
-                        restarts: int = 5, limit: int | None = 1000, targeted: bool = True, check_n: int = 500,
-                        seed: int = 0, log=lambda s: None) -> dict:
-    """Worst-case robust accuracy and the sanity checks for a run; writes `run_dir/eval/robust.json`."""
-    from .robustness import sanity_checks, worst_case
+def train_adversarial_accuracy(record: dict, eps: float, norm: str = "linf") -> float | None:
+    """Accuracy (%) on the training attack's examples in the epoch whose weights were kept, when the
+    run was adversarially trained at this eps (TRADES trains on clean logits: no such number)."""
+    adv = record.get("adversarial")
+    history = record.get("history") or []
+    if not adv or adv.get("method") == "trades" or norm != "linf" or abs(adv.get("eps", -1) - eps) > 1e-9 \
+            or not history:
+        return None
+    kept = history[-1].get("restored_epoch") or len(history)
+    return history[kept - 1].get("train_accuracy")
 
-    if eps < 0:
+
+def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, ensemble: str = "standard",
+                        attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
+                        queries: int | None = None, norm: str = "linf", limit: int | None = 1000,
+                        check_n: int = 1000, alone: bool = False, seed: int = 0, log=lambda s: None) -> dict:
+    """Robust accuracy under an attack ensemble (worst case per example) and the masking checks for
+    a run; writes `run_dir/eval/robust.json`."""
+    from .robustness import ensemble_stages, masking_checks, run_ensemble
+
+    if not eps >= 0:
         raise AdvmnistError(f"eps must be >= 0, got {eps}")
+    if norm not in ("linf", "l2"):
+        raise AdvmnistError(f"norm must be linf or l2, got {norm!r}")
+    stages = ensemble_stages(ensemble, attacks, steps=steps, restarts=restarts, queries=queries)
     run_dir = Path(run_dir)
     start = time.perf_counter()
     model, ckpt = runs.load_checkpoint(run_dir)
     n = len(data.test_y) if not limit else min(limit, len(data.test_y))
     x, y = data.test_x[:n], data.test_y[:n]
-    result = worst_case(model, x, y, eps=eps, steps=steps, restarts=restarts, targeted=targeted, seed=seed, log=log)
-    checks = sanity_checks(model, x[:check_n], y[:check_n], eps=eps, seed=seed, more_steps=max(steps, 40))
+    result = run_ensemble(model, x, y, eps=eps, stages=stages, norm=norm, seed=seed, alone=alone, log=log)
+    robust = result.pop("robust_mask")
+    train_acc = None
+    record_path = run_dir / runs.RECORD
+    if record_path.is_file():
+        train_acc = train_adversarial_accuracy(runs.read_json(record_path), eps, norm)
+    m = min(check_n, n)
+    log(f"masking checks on the first {m} images")
+    checks = masking_checks(model, x[:m], y[:m], result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
+                            train_adv_accuracy=train_acc)
+    failed = [c["check"] for c in checks if not c["passed"]]
     record = {"kind": "robust-evaluate", "run": str(run_dir), "model": ckpt["model"],
               "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, "seed": seed,
-              "settings": {"eps": eps, "steps": steps, "restarts": restarts, "targeted": targeted, "n": n,
-                           "check_n": min(check_n, n)},
-              **result, "checks": checks,
-              "warnings": [f"sanity check failed: {c['check']} ({c['detail']})" for c in checks if not c["passed"]],
+              "settings": {"eps": eps, "norm": norm, "ensemble": ensemble, "attacks": [s.key for s in stages],
+                           "steps": steps, "restarts": restarts, "queries": queries, "alone": alone, "n": n,
+                           "check_n": m},
+              **result, "checks": checks, "masking": {"flagged": bool(failed), "failed": failed},
+              "warnings": [f"possible gradient masking: {c['check']} failed ({c['detail']})" for c in checks
+                           if not c["passed"]],
               "wall_time_s": round(time.perf_counter() - start, 1), "provenance": runs.provenance()}
     runs.write_json(run_dir / "eval" / "robust.json", record)
     return record

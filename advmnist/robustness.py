@@ -9,23 +9,22 @@ failed check is a sign of gradient masking or a broken evaluation, not of robust
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .attacks import fgsm, frozen, gradient_fn, pgd
+from .attacks import fgsm, frozen, get_attack, gradient_fn, pgd
+from .attacks.core import default_alpha
+from .errors import AdvmnistError
 from .measures import eval_mode, predict_logits
 
 
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return predict_logits(model, x).argmax(1) == y
-
-
-def default_alpha(eps: float, steps: int) -> float:
-    """PGD's step for an evaluation: 2.5 eps / steps (Madry et al.), never below eps / 40."""
-    return max(2.5 * eps / steps, eps / 40)
 
 
 def _batched(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
@@ -97,6 +96,182 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
         more = pgd_accuracy(model, x, y, eps, more_steps, restarts=2, seed=seed + 1)
         checks.append({"check": "more steps and restarts do not raise accuracy", "passed": more <= accs[2] + tolerance,
                        "detail": f"PGD-{more_steps} x 2 restarts {more:.1f}% vs PGD-{steps} {accs[2]:.1f}%"})
+        with frozen(model):
+            g, _ = gradient_fn(model, x[:500])(x[:500], y[:500])
+        zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() * 100
+        checks.append({"check": "input gradients are not zero", "passed": zero < 1.0,
+                       "detail": f"{zero:.1f}% of examples have an all-zero input gradient"})
+    return checks
+
+
+# --- The standard evaluation: an AutoAttack-style ensemble and a masking detector -------------------
+
+@dataclass(frozen=True)
+class Stage:
+    """One attack of an ensemble: a registry attack with fixed parameters (eps is added per run)."""
+
+    key: str  # what `--attacks` names: apgd-ce, apgd-t, square, ...
+    label: str  # what tables print
+    attack: str  # the attack registry's name
+    params: dict = field(default_factory=dict)
+    gradient_free: bool = False
+
+
+def _standard(steps: int, targets: int, queries: int) -> tuple[Stage, ...]:
+    return (Stage("apgd-ce", f"APGD-CE ({steps} steps)", "apgd", {"steps": steps, "loss": "ce"}),
+            Stage("apgd-t", f"APGD-T ({steps} steps x {targets} targets)", "apgd-t", {"steps": steps, "targets": targets}),
+            Stage("square", f"Square ({queries} queries)", "square", {"queries": queries}, gradient_free=True))
+
+
+def _pgd_stages(steps: int = 100, restarts: int = 5) -> tuple[Stage, ...]:
+    stages = [Stage("fgsm", "FGSM", "fgsm")]
+    stages += [Stage(f"pgd-{r + 1}", f"PGD-{steps}, restart {r + 1}/{restarts}", "pgd", {"steps": steps, "seed_offset": 100 * r})
+               for r in range(restarts)]
+    stages += [Stage(f"pgd-t{k}", f"targeted PGD-{steps}, target = label + {k}", "pgd",
+                     {"steps": steps, "targeted": True, "target_shift": k, "seed_offset": k}) for k in range(1, 10)]
+    return tuple(stages)
+
+
+# Croce & Hein 2020's "standard" AutoAttack less FAB-T (APGD-T and Square already cover what it adds
+# on MNIST in their paper's tables); `quick` is for tests and sweeps; `pgd` is the PGD-based
+# evaluation (FGSM, PGD restarts, targeted PGD) this project used before, kept to compare.
+ENSEMBLES: dict[str, Callable[..., tuple[Stage, ...]]] = {
+    "standard": lambda steps=None, restarts=None, queries=None: _standard(steps or 100, 9, queries or 5000),
+    "quick": lambda steps=None, restarts=None, queries=None: _standard(steps or 20, 3, queries or 500),
+    "pgd": lambda steps=None, restarts=None, queries=None: _pgd_stages(steps or 100, restarts or 5),
+}
+
+
+def ensemble_stages(ensemble: str = "standard", attacks: tuple[str, ...] | list[str] | None = None, *,
+                    steps: int | None = None, restarts: int | None = None,
+                    queries: int | None = None) -> tuple[Stage, ...]:
+    """The stages of a named ensemble, optionally only those whose key is in `attacks`."""
+    if ensemble not in ENSEMBLES:
+        raise AdvmnistError(f"unknown ensemble {ensemble!r}; choose one of: {', '.join(ENSEMBLES)}")
+    for name, value in (("steps", steps), ("restarts", restarts), ("queries", queries)):
+        if value is not None and value < 1:
+            raise AdvmnistError(f"{name} must be >= 1, got {value}")
+    stages = ENSEMBLES[ensemble](steps=steps, restarts=restarts, queries=queries)
+    if ensemble != "pgd" and restarts:
+        stages = tuple(dataclasses.replace(s, params={**s.params, "restarts": restarts}) if s.attack.startswith("apgd")
+                       else s for s in stages)
+    if attacks:
+        keys = [s.key for s in stages]
+        unknown = [a for a in attacks if a not in keys]
+        if unknown:
+            raise AdvmnistError(f"ensemble {ensemble!r} has no attack {', '.join(map(repr, unknown))}; "
+                                f"it has: {', '.join(keys)}")
+        stages = tuple(s for s in stages if s.key in attacks)
+    return stages
+
+
+def _run_stage(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str,
+               seed: int, batch_size: int) -> torch.Tensor:
+    """Whether each example is still classified correctly after the stage's attack."""
+    params = dict(stage.params)
+    gen = torch.Generator().manual_seed(seed + params.pop("seed_offset", 0))
+    shift = params.pop("target_shift", 0)
+    fn = get_attack(stage.attack).fn
+    kw = {"eps": eps, **params}
+    if stage.attack in ("pgd", "apgd", "apgd-t", "square"):
+        kw["norm"] = norm
+        kw["generator"] = gen
+    if stage.attack == "pgd":
+        kw.setdefault("alpha", default_alpha(eps, kw["steps"]))
+    goal = (y + shift) % 10 if shift else y
+    adv = _batched(lambda xb, yb: fn(model, xb, yb, **kw), x, goal, batch_size)
+    return _correct(model, adv, y)
+
+
+def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, stages: tuple[Stage, ...],
+                 norm: str = "linf", seed: int = 0, alone: bool = False, batch_size: int = 1000,
+                 log: Callable[[str], None] = lambda s: None) -> dict:
+    """Robust accuracy (%) under an ensemble, worst case per example.
+
+    Each stage attacks the examples every earlier stage left robust (as AutoAttack does); the
+    table gives robust accuracy after each stage cumulatively and, with `alone`, under each attack
+    by itself (then every stage attacks every clean-correct example, which costs more).
+    """
+    start = time.perf_counter()
+    with eval_mode(model):
+        clean_ok = _correct(model, x, y)
+        robust = clean_ok.clone()
+        rows = []
+        for i, stage in enumerate(stages):
+            t0 = time.perf_counter()
+            todo = clean_ok if alone or i == 0 else robust
+            idx = todo.nonzero().flatten()
+            survived = clean_ok.clone()
+            if len(idx):
+                survived[idx] = _run_stage(model, stage, x[idx], y[idx], eps=eps, norm=norm, seed=seed + i,
+                                           batch_size=batch_size)
+            before = 100.0 * robust.float().mean().item()
+            robust &= survived
+            row = {"attack": stage.label, "key": stage.key, "gradient_free": stage.gradient_free,
+                   "robust_accuracy_alone": 100.0 * survived.float().mean().item() if todo is clean_ok else None,
+                   "robust_accuracy_after": 100.0 * robust.float().mean().item(),
+                   "broke_pp": before - 100.0 * robust.float().mean().item(),
+                   "attacked": len(idx), "seconds": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            log(f"{stage.label}: {row['robust_accuracy_after']:.2f}% ({row['seconds']:.0f} s)")
+    return {"eps": eps, "norm": norm, "n": len(y), "clean_accuracy": 100.0 * clean_ok.float().mean().item(),
+            "robust_accuracy": 100.0 * robust.float().mean().item(), "per_attack": rows,
+            "robust_mask": robust, "seconds": round(time.perf_counter() - start, 1)}
+
+
+LARGE_EPS = {"linf": 1.0, "l2": 28.0}  # either reaches every image in [0, 1]^784 from any other
+
+
+def masking_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: dict, robust: torch.Tensor, *,
+                   eps: float,
+                   norm: str = "linf", steps: int = 100, seed: int = 0, train_adv_accuracy: float | None = None,
+                   threshold_pp: float = 0.5, batch_size: int = 1000) -> list[dict]:
+    """Signs of gradient masking (Athalye et al. 2018; Carlini et al. 2019; Croce & Hein 2020).
+
+    Each check is {check, passed, detail}; a failed one means the robust accuracy is not to be
+    trusted. `result` and `robust` (its per-example mask) are `run_ensemble`'s on a selection whose
+    first len(y) examples are the check set x, y.
+    1. a score-based attack broke more than `threshold_pp` of the set after every gradient attack;
+    2. a gradient attack at an eps that reaches any image leaves accuracy above 5%;
+    3. APGD-CE with twice the steps and 3 restarts, run after the ensemble, lowers its robust
+       accuracy by more than `threshold_pp` (the evaluation has not converged);
+    4. adversarial accuracy in training exceeds test robust accuracy by more than 3 pp;
+    5. input gradients are zero on more than 1% of examples.
+    """
+    checks = []
+    rows = result["per_attack"]
+    grad_rows = [r for r in rows if not r["gradient_free"]]
+    free = [r for r in rows if r["gradient_free"]]
+    if grad_rows and free:
+        gap = sum(r["broke_pp"] for r in free if rows.index(r) > rows.index(grad_rows[-1]))
+        checks.append({"check": "a score-based attack finds nothing the gradient attacks missed",
+                       "passed": gap <= threshold_pp,
+                       "detail": f"{', '.join(r['attack'] for r in free)} broke {gap:.2f} pp of the set after "
+                                 f"every gradient attack (limit {threshold_pp} pp)"})
+    large = LARGE_EPS[norm]
+    probe = Stage("apgd-ce", "APGD-CE", "apgd", {"steps": min(steps, 20)})
+    with eval_mode(model):
+        acc_large = 100.0 * _run_stage(model, probe, x, y, eps=large, norm=norm, seed=seed,
+                                       batch_size=batch_size).float().mean().item()
+        checks.append({"check": "a gradient attack at an eps that reaches any image wins",
+                       "passed": acc_large <= 5.0,
+                       "detail": f"APGD-CE-{probe.params['steps']} at eps {large:g}: {acc_large:.1f}% accuracy (must be ~0)"})
+        idx = robust[:len(y)].nonzero().flatten()
+        held = robust[:len(y)].clone()
+        if len(idx):
+            held[idx] = _run_stage(model, Stage("apgd-ce", "", "apgd", {"steps": 2 * steps, "restarts": 3}), x[idx],
+                                   y[idx], eps=eps, norm=norm, seed=seed + 7, batch_size=batch_size)
+        a1, a2 = (100.0 * t.float().mean().item() for t in (robust[:len(y)], held))
+        checks.append({"check": "more restarts and steps do not lower accuracy",
+                       "passed": a1 - a2 <= threshold_pp,
+                       "detail": f"the ensemble: {a1:.1f}%; then APGD-CE with {2 * steps} steps x 3 restarts: {a2:.1f}% "
+                                 f"(limit {threshold_pp} pp, first {len(y)} images)"})
+        if train_adv_accuracy is not None:
+            gap = train_adv_accuracy - result["robust_accuracy"]
+            checks.append({"check": "training-time adversarial accuracy is not far above test robust accuracy",
+                           "passed": gap <= 3.0,
+                           "detail": f"training {train_adv_accuracy:.1f}% vs test {result['robust_accuracy']:.1f}% "
+                                     f"(limit 3 pp)"})
         with frozen(model):
             g, _ = gradient_fn(model, x[:500])(x[:500], y[:500])
         zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() * 100

@@ -109,8 +109,16 @@ def test_cli_robust_evaluation_and_adversarial_training(tmp_path):
     record = json.loads((run / "record.json").read_text())
     assert record["adversarial"]["method"] == "fgsm-rs" and "robust_accuracy" in record["history"][0]
     result = runner.invoke(main, ["evaluate", "--run", str(run), "--robust", "--eps", "0.1", "--steps", "5",
-                                  "--restarts", "1", "--limit", "100"])
+                                  "--restarts", "1", "--queries", "100", "--limit", "100"])
     assert result.exit_code == 0, result.output
     robust = json.loads((run / "eval" / "robust.json").read_text())
+    # the standard ensemble; five masking checks, one of them comparing with the training's adversarial accuracy
     assert robust["settings"]["n"] == 100 and len(robust["checks"]) == 5
+    assert robust["settings"]["attacks"] == ["apgd-ce", "apgd-t", "square"]
+    assert any(c["check"].startswith("training-time") for c in robust["checks"])
     assert "robust accuracy" in result.output
+    result = runner.invoke(main, ["evaluate", "--run", str(run), "--robust", "--ensemble", "pgd", "--eps", "0.1",
+                                  "--steps", "5", "--restarts", "1", "--limit", "100"])
+    assert result.exit_code == 0, result.output
+    robust = json.loads((run / "eval" / "robust.json").read_text())
+    assert robust["settings"]["attacks"][:2] == ["fgsm", "pgd-1"] and len(robust["per_attack"]) == 1 + 1 + 9

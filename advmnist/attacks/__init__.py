@@ -4,12 +4,14 @@
     x_adv = pgd(model.eval(), x, y, eps=0.3, steps=40)
 """
 
-from .core import (AttackError, AttackSpec, frozen, get_attack, gradient_fn, input_grad, list_attacks,
+from .core import (AttackError, AttackSpec, frozen, get_attack, gradient_fn, input_grad, list_attacks, logits_fn,
                    register_attack)
 from .fgsm import fgsm
 from .gd import gd
 from .penalty import penalty
 from .pgd import pgd
+from .apgd import apgd, apgd_t
+from .square import square
 
 __all__ = ["AttackError", "AttackSpec", "frozen", "get_attack", "gradient_fn", "input_grad", "list_attacks",
-           "register_attack", "fgsm", "gd", "penalty", "pgd"]
+           "logits_fn", "register_attack", "fgsm", "gd", "penalty", "pgd", "apgd", "apgd_t", "square"]

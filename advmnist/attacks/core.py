@@ -40,14 +40,16 @@ class AttackSpec:
 _ATTACKS: "OrderedDict[str, AttackSpec]" = OrderedDict()
 
 
-def register_attack(*, always_targeted: bool = False):
-    """Add an attack function to the registry under its own name; a duplicate is an error."""
+def register_attack(*, always_targeted: bool = False, name: str | None = None):
+    """Add an attack function to the registry under `name` (default: its own name, so `apgd_t`
+    can be listed as "apgd-t"); a duplicate is an error."""
 
     def decorator(fn):
-        if fn.__name__ in _ATTACKS:
-            raise ValueError(f"attack {fn.__name__!r} is registered twice")
+        key = name or fn.__name__
+        if key in _ATTACKS:
+            raise ValueError(f"attack {key!r} is registered twice")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        _ATTACKS[fn.__name__] = AttackSpec(fn.__name__, fn, always_targeted, summary)
+        _ATTACKS[key] = AttackSpec(key, fn, always_targeted, summary)
         return fn
 
     return decorator
@@ -86,36 +88,69 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
                 b.copy_(saved)
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the summed cross-entropy w.r.t. the input, and the logits.
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed loss (default cross-entropy) w.r.t. the input, and the logits.
 
     The sum makes each example's gradient its own (no 1/N), whatever the batch size.
     """
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         logits = model(x)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
+        total = F.cross_entropy(logits, y, reduction="sum") if loss is None else loss(logits, y).sum()
+        (grad,) = torch.autograd.grad(total, x)
     return grad, logits.detach()
 
 
-def gradient_fn(model: nn.Module, example: torch.Tensor, fast: bool = True):
-    """The input-gradient function an attack uses: the folded fast path where the model allows it
-    (see `fast.py`), else autograd. Call once per attack, inside `frozen(model)`."""
+def gradient_fn(model: nn.Module, example: torch.Tensor, fast: bool = True,
+                loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    """The input-gradient function an attack uses: (x, y) -> (d sum loss / d x, logits), on the
+    folded fast path where the model allows it (see `fast.py`), else autograd. `loss(logits, y)`
+    gives one value per example (default cross-entropy). Call once per attack, inside `frozen(model)`."""
     if fast:
         keep_freed_memory()
         from .fast import compile_grad
 
-        compiled = compile_grad(model, example)
+        compiled = compile_grad(model, example, loss=loss)
         if compiled is not None:
             return compiled
-    return lambda x, y: input_grad(model, x, y)
+    return lambda x, y: input_grad(model, x, y, loss)
+
+
+def logits_fn(model: nn.Module, example: torch.Tensor, fast: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> logits without any gradient: the folded forward pass where the model allows it, else
+    the model itself under no_grad. For score-based attacks, which never look at a gradient."""
+    if fast:
+        keep_freed_memory()
+        from .fast import compile_logits
+
+        compiled = compile_logits(model, example)
+        if compiled is not None:
+            return compiled
+
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    return plain
 
 
 def per_example_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         logits = model(x)
         return F.cross_entropy(logits, y, reduction="none"), logits
+
+
+def default_alpha(eps: float, steps: int) -> float:
+    """PGD's default step: 2.5 eps / steps (Madry et al.), never below eps / 8.
+
+    Why the floor: with many steps 2.5 eps / steps is too timid to escape flat regions (measured on
+    improved-bn at eps 0.1, PGD-40: 33.6% robust with 2.5 eps / 40 against 31.7% with the usual
+    alpha 0.01 and 31.2% with eps / 8; on the PGD-trained strided net at eps 0.3: 93.5% with eps / 8
+    against 94.3% with 0.01).
+    """
+    return eps * max(2.5 / max(int(steps), 1), 1 / 8)
 
 
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

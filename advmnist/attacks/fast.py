@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GradFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> one loss per example
 
 SMALL_BATCH = 100  # below this, convolutions run without oneDNN
 MIN_CHANNELS = 10  # fewest output channels for which a first conv + pool is fused (`_ConvPool`)
@@ -278,87 +279,129 @@ def _simplify(ops: list[_Op]) -> list[_Op]:
     return out
 
 
-def compile_grad(model: nn.Module, example: torch.Tensor, fuse: bool = True) -> GradFn | None:
-    """A function (x, y) -> (d sum CE / d x, logits) for `model`, or None where unsupported.
+def compile_grad(model: nn.Module, example: torch.Tensor, fuse: bool = True,
+                 loss: LossFn | None = None) -> GradFn | None:
+    """A function (x, y) -> (d sum loss / d x, logits) for `model`, or None where unsupported.
 
-    `example` is one input (1, C, H, W) used to trace shapes. Weights are copied now: compile again
-    after the model changes. `fuse=False` skips `_ConvPool` (for comparison).
+    `loss(logits, y)` gives one value per example (default: cross-entropy, whose logit gradient is
+    written out; any other loss is differentiated on the (N, classes) logits alone, which costs
+    nothing next to the network). `example` is one input (1, C, H, W) used to trace shapes.
+    Weights are copied now: compile again after the model changes. `fuse=False` skips `_ConvPool`.
     """
-    try:
-        ops = _plan(model, example[:1], fuse)
-    except (RuntimeError, ValueError):
-        return None
-    if ops is None or not ops:
+    ops = _compile(model, example, fuse)
+    if ops is None:
         return None
 
     def grad_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # oneDNN's convolutions cost more than they save on small batches (measured: batch 10,
         # improved-bn 3.4 -> 2.9 ms a step; batch 1000, 350 -> 400 ms), so they are used from 100 up.
         with torch.backends.mkldnn.flags(enabled=len(x) >= SMALL_BATCH):
-            return _run(x, y)
-
-    def _run(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        saved = []
-        h = x
-        for op in ops:
-            if op.kind == "affine":
-                h = h * op.a + op.b
-            elif op.kind == "convpool":
-                h, s = op.fused.forward(h)
-                saved.append(s)
-                continue
-            elif op.kind == "conv":
-                saved.append(h)  # convolution_backward wants the input (for its shape and layout)
-                h = F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad)
-                continue
-            elif op.kind == "linear":
-                if op.shape is not None:
-                    h = _flatten(h, op.cl)
-                h = F.linear(h, op.w, op.b)
-            elif op.kind == "unflat":
-                h = h.view(h.shape[0], *op.shape)
-            elif op.kind == "flatten":
-                h = _flatten(h, op.cl)
-            elif op.kind == "relu":
-                h = torch.relu(h)
-                saved.append(h)
-                continue
-            elif op.kind == "pool":
-                inp = h
-                h, idx = F.max_pool2d(h, op.k, return_indices=True)
-                saved.append((idx, inp))
-                continue
-            saved.append(None)
-        logits = h
-        g = torch.softmax(logits, dim=1)
-        g[torch.arange(len(y), device=y.device), y] -= 1.0
-        for op, s in zip(reversed(ops), reversed(saved)):
-            if op.kind == "affine":
-                g = g * op.a
-            elif op.kind == "convpool":
-                g = op.fused.backward(g, s)
-            elif op.kind == "conv":
-                # the kernel autograd uses (oneDNN where enabled); conv_transpose2d takes a slower path
-                g = torch.ops.aten.convolution_backward(
-                    g, s, op.w, None, list(op.stride), list(_pads(op.pad)), [1, 1], False, [0, 0], 1,
-                    [True, False, False])[0]
-            elif op.kind == "linear":
-                g = g @ op.w
-                if op.shape is not None:
-                    g = _unflatten(g, op.shape, op.cl)
-            elif op.kind == "unflat":
-                g = g.flatten(1)
-            elif op.kind == "flatten":
-                g = _unflatten(g, op.shape, op.cl)
-            elif op.kind == "relu":
-                g = torch.ops.aten.threshold_backward(g, s, 0)
-            elif op.kind == "pool":
-                idx, inp = s
-                g = torch.ops.aten.max_pool2d_with_indices_backward(g, inp, [op.k, op.k], [op.k, op.k], [0, 0],
-                                                                    [1, 1], False, idx)
-        return g, logits.detach()
+            saved: list = []
+            logits = _forward(ops, x, saved)
+            return _backward(ops, saved, logit_grad(logits, y, loss)), logits.detach()
 
     return grad_fn
+
+
+def compile_logits(model: nn.Module, example: torch.Tensor, fuse: bool = True):
+    """A function x -> logits running the folded plan with nothing kept for a backward pass (for
+    score-based attacks), or None where unsupported."""
+    ops = _compile(model, example, fuse)
+    if ops is None:
+        return None
+
+    def logits_fn(x: torch.Tensor) -> torch.Tensor:
+        with torch.backends.mkldnn.flags(enabled=len(x) >= SMALL_BATCH):
+            return _forward(ops, x, None)
+
+    return logits_fn
+
+
+def logit_grad(logits: torch.Tensor, y: torch.Tensor, loss: LossFn | None = None) -> torch.Tensor:
+    """d sum(loss(logits, y)) / d logits; cross-entropy's (softmax - one-hot) written out."""
+    if loss is None:
+        g = torch.softmax(logits, dim=1)
+        g[torch.arange(len(y), device=y.device), y] -= 1.0
+        return g
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(z, y).sum(), z)
+    return g
+
+
+def _compile(model: nn.Module, example: torch.Tensor, fuse: bool) -> list[_Op] | None:
+    try:
+        ops = _plan(model, example[:1], fuse)
+    except (RuntimeError, ValueError):
+        return None
+    return ops or None
+
+
+def _forward(ops: list[_Op], x: torch.Tensor, saved: list | None) -> torch.Tensor:
+    """The plan's forward pass; with a `saved` list, what the backward pass needs is appended to it."""
+    keep = saved.append if saved is not None else (lambda _: None)
+    h = x
+    for op in ops:
+        if op.kind == "affine":
+            h = h * op.a + op.b
+        elif op.kind == "convpool":
+            h, s = op.fused.forward(h)
+            keep(s)
+            continue
+        elif op.kind == "conv":
+            keep(h)  # convolution_backward wants the input (for its shape and layout)
+            h = F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad)
+            continue
+        elif op.kind == "linear":
+            if op.shape is not None:
+                h = _flatten(h, op.cl)
+            h = F.linear(h, op.w, op.b)
+        elif op.kind == "unflat":
+            h = h.view(h.shape[0], *op.shape)
+        elif op.kind == "flatten":
+            h = _flatten(h, op.cl)
+        elif op.kind == "relu":
+            h = torch.relu(h)
+            keep(h)
+            continue
+        elif op.kind == "pool":
+            inp = h
+            if saved is None:
+                h = F.max_pool2d(h, op.k)
+                continue
+            h, idx = F.max_pool2d(h, op.k, return_indices=True)
+            keep((idx, inp))
+            continue
+        keep(None)
+    return h
+
+
+def _backward(ops: list[_Op], saved: list, g: torch.Tensor) -> torch.Tensor:
+    for op, s in zip(reversed(ops), reversed(saved)):
+        if op.kind == "affine":
+            g = g * op.a
+        elif op.kind == "convpool":
+            g = op.fused.backward(g, s)
+        elif op.kind == "conv":
+            # the kernel autograd uses (oneDNN where enabled); conv_transpose2d takes a slower path
+            g = torch.ops.aten.convolution_backward(
+                g, s, op.w, None, list(op.stride), list(_pads(op.pad)), [1, 1], False, [0, 0], 1,
+                [True, False, False])[0]
+        elif op.kind == "linear":
+            g = g @ op.w
+            if op.shape is not None:
+                g = _unflatten(g, op.shape, op.cl)
+        elif op.kind == "unflat":
+            g = g.flatten(1)
+        elif op.kind == "flatten":
+            g = _unflatten(g, op.shape, op.cl)
+        elif op.kind == "relu":
+            g = torch.ops.aten.threshold_backward(g, s, 0)
+        elif op.kind == "pool":
+            idx, inp = s
+            g = torch.ops.aten.max_pool2d_with_indices_backward(g, inp, [op.k, op.k], [op.k, op.k], [0, 0],
+                                                                [1, 1], False, idx)
+    return g
 
 
 def _flatten(h: torch.Tensor, cl: bool) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import (AttackError, check_inputs, check_non_negative, check_positive, frozen, gradient_fn,
+from .core import (AttackError, check_inputs, check_non_negative, check_positive, default_alpha, frozen, gradient_fn,
                    l2_norm, per_example_loss, project_l2, project_linf, rand_like, randn_like,
                    register_attack)
 
@@ -27,7 +27,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     """Iterated gradient steps, each projected onto the eps-ball around x and clipped to [0, 1].
 
     Linf steps by alpha * sign(grad); L2 by alpha * grad / ||grad||. alpha defaults to
-    2.5 * eps / steps (Madry et al.). With `restarts` > 1 each restart begins at a new random point
+    2.5 * eps / steps (Madry et al.) but at least eps / 8 (`default_alpha`). With `restarts` > 1
+    each restart begins at a new random point
     and the worst case is kept per example: a successful example beats an unsuccessful one, and
     among equals the higher loss (untargeted) or lower target loss (targeted) wins.
     Untargeted: y are true labels; targeted: y are target labels.
@@ -39,7 +40,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     if restarts < 1:
         raise AttackError(f"restarts must be >= 1, got {restarts}")
     if alpha is None:
-        alpha = 2.5 * eps / max(int(steps), 1)
+        alpha = default_alpha(eps, steps)
     if eps > 0:
         check_positive(alpha=alpha)
     project = project_linf if norm == "linf" else project_l2

@@ -1,0 +1,194 @@
+"""Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks", ICML 2020): untargeted with CE or DLR loss, and targeted with the targeted
+DLR loss over the top-k other classes. Linf or L2.
+
+PGD with a fixed step size is only as strong as its step size is lucky. APGD needs none: it starts
+at 2 eps, adds momentum (0.75), and at checkpoints w_j (p_0 = 0, p_1 = 0.22,
+p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)) halves the step and restarts from the best point
+wherever the loss rose in fewer than rho = 0.75 of the steps since the last checkpoint, or neither
+the step nor the best loss changed. Every example keeps its best point: the first misclassified
+iterate if there is one, else the one of highest loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .core import (AttackError, check_inputs, check_non_negative, frozen, gradient_fn, l2_norm, rand_like,
+                   randn_like, register_attack)
+from .losses import LOSSES, ce_loss, targeted_dlr_loss
+
+
+def _check(eps: float, steps: int, norm: str, restarts: int) -> None:
+    check_non_negative(eps=eps, steps=steps)
+    if norm not in ("linf", "l2"):
+        raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if restarts < 1:
+        raise AttackError(f"restarts must be >= 1, got {restarts}")
+
+
+def _start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
+    if norm == "linf":
+        t = 2 * rand_like(x, generator) - 1
+        return (x + eps * t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1)).clamp(0, 1)
+    t = randn_like(x, generator)
+    return (x + eps * t / l2_norm(t).clamp_min(1e-12)).clamp(0, 1)
+
+
+def _project_l2(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    d = z - x
+    n = l2_norm(d)
+    return (x + d / (n + 1e-12) * torch.clamp(n, max=eps)).clamp(0, 1)
+
+
+def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, *, eps: float, steps: int,
+         norm: str, rho: float, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One APGD run on every example of x; returns (x_adv, fooled, best loss).
+
+    Examples drop out of the working set at a checkpoint once they are misclassified: their result
+    is fixed, and a robust-accuracy evaluation gains nothing from pushing them further.
+    """
+    n = len(x)
+    out = x.clone()
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    best_loss = torch.full((n,), -float("inf"), device=x.device)
+    if n == 0 or steps == 0 or eps == 0:
+        return out, fooled, best_loss
+    idx = torch.arange(n, device=x.device)
+    x0, y0, lab = x, y, label
+    if norm == "linf":
+        lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
+    adv = _start(x0, eps, norm, generator)
+    grad, logits = grad_fn(adv, y0)
+    loss = loss_fn(logits, y0)
+    ok = logits.argmax(1) == lab
+    x_best, grad_best, loss_best = adv.clone(), grad.clone(), loss.clone()
+    x_fool = torch.where(ok.view(-1, 1, 1, 1), x0, adv)
+    step = torch.full((n, 1, 1, 1), 2.0 * eps, device=x.device, dtype=x.dtype)
+    adv_old = adv.clone()
+    k = max(int(0.22 * steps), 1)
+    size_decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
+    since, prev_loss, rises = 0, loss.clone(), torch.zeros(n, device=x.device)
+    best_at_check, reduced = loss_best.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
+    for i in range(int(steps)):
+        momentum = adv - adv_old
+        adv_old = adv
+        a = 0.75 if i > 0 else 1.0
+        if norm == "linf":
+            z = torch.clamp(adv + step * grad.sign(), lo, hi)
+            adv = torch.clamp(adv + (z - adv) * a + momentum * (1 - a), lo, hi)
+        else:
+            z = _project_l2(adv + step * grad / (l2_norm(grad) + 1e-12), x0, eps)
+            adv = _project_l2(adv + (z - adv) * a + momentum * (1 - a), x0, eps)
+        grad, logits = grad_fn(adv, y0)
+        loss = loss_fn(logits, y0)
+        wrong = logits.argmax(1) != lab
+        x_fool = torch.where((wrong & ok).view(-1, 1, 1, 1), adv, x_fool)
+        ok &= ~wrong
+        rises += loss > prev_loss
+        prev_loss = loss
+        better = loss > loss_best
+        x_best = torch.where(better.view(-1, 1, 1, 1), adv, x_best)
+        grad_best = torch.where(better.view(-1, 1, 1, 1), grad, grad_best)
+        loss_best = torch.where(better, loss, loss_best)
+        since += 1
+        if since < k:
+            continue
+        halve = (rises <= k * rho) | (~reduced & (best_at_check >= loss_best))
+        reduced, best_at_check = halve, loss_best.clone()
+        step = torch.where(halve.view(-1, 1, 1, 1), step / 2, step)
+        adv = torch.where(halve.view(-1, 1, 1, 1), x_best, adv)
+        grad = torch.where(halve.view(-1, 1, 1, 1), grad_best, grad)
+        k, since, rises = max(k - size_decr, k_min), 0, torch.zeros_like(rises)
+        done = ~ok
+        if done.any():  # shrink the working set to the examples still classified correctly
+            out[idx[done]] = x_fool[done]
+            fooled[idx[done]] = True
+            best_loss[idx[done]] = loss_best[done]
+            keep = ok
+            if not keep.any():
+                return out, fooled, best_loss
+            idx, x0, y0, lab = idx[keep], x0[keep], y0[keep], lab[keep]
+            adv, adv_old, grad, x_best, grad_best = adv[keep], adv_old[keep], grad[keep], x_best[keep], grad_best[keep]
+            loss_best, best_at_check, reduced, step = loss_best[keep], best_at_check[keep], reduced[keep], step[keep]
+            prev_loss, rises, x_fool, ok = prev_loss[keep], rises[keep], x_fool[keep], ok[keep]
+            if norm == "linf":
+                lo, hi = lo[keep], hi[keep]
+    out[idx] = torch.where(ok.view(-1, 1, 1, 1), x_best, x_fool)
+    fooled[idx] = ~ok
+    best_loss[idx] = loss_best
+    return out, fooled, best_loss
+
+
+def _restarts(run_once, x: torch.Tensor, restarts: int) -> torch.Tensor:
+    """Run `run_once(sel)` up to `restarts` times, each on the examples no earlier run fooled."""
+    result = x.clone()
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        sel = (~fooled).nonzero().flatten()
+        if not len(sel):
+            break
+        adv, hit, _ = run_once(sel)
+        result[sel] = adv
+        fooled[sel] = hit
+    return result
+
+
+@register_attack()
+def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
+         norm: str = "linf", loss: str = "ce", restarts: int = 1, rho: float = 0.75,
+         generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
+    """Auto-PGD (Croce & Hein 2020), untargeted: step-size free PGD with momentum, CE or DLR loss.
+
+    y are the true labels. Each restart starts at a new random point in the eps-ball and runs on
+    the examples no earlier restart fooled. Returns, per example, the first misclassified iterate
+    found, else the point of highest loss; images in [0, 1].
+    """
+    check_inputs(x, y)
+    _check(eps, steps, norm, restarts)
+    if loss not in LOSSES:
+        raise AttackError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    loss_fn = LOSSES[loss]
+    with frozen(model):
+        grad_fn = gradient_fn(model, x[:1], fast, loss=None if loss == "ce" else loss_fn)
+        return _restarts(lambda sel: _run(grad_fn, loss_fn, x[sel], y[sel], y[sel], eps=eps, steps=steps, norm=norm,
+                                          rho=rho, generator=generator), x, restarts).detach()
+
+
+@register_attack(name="apgd-t")
+def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
+           norm: str = "linf", targets: int = 9, restarts: int = 1, rho: float = 0.75,
+           generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
+    """Targeted Auto-PGD (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the
+    `targets` classes ranked highest by the model after the true one, each on the examples no
+    earlier target broke.
+
+    y are the true labels (the goal is any misclassification). Returns images in [0, 1].
+    """
+    check_inputs(x, y)
+    _check(eps, steps, norm, restarts)
+    if not 1 <= targets <= 9:
+        raise AttackError(f"targets must be in [1, 9], got {targets}")
+    with frozen(model):
+        grad_fn = gradient_fn(model, x[:1], fast, loss=targeted_dlr_loss)
+        with torch.no_grad():
+            logits = model(x) if len(x) else torch.zeros(0, 10, device=x.device)
+        ranked = logits.argsort(1, descending=True)
+        result = x.clone()
+        fooled = logits.argmax(1) != y
+        for k in range(1, min(targets, logits.shape[1] - 1) + 1):
+            sel = (~fooled).nonzero().flatten()
+            if not len(sel):
+                break
+            pair = torch.stack([y[sel], ranked[sel, k]], 1)
+            adv = _restarts(lambda s: _run(grad_fn, targeted_dlr_loss, x[sel][s], pair[s], y[sel][s], eps=eps,
+                                           steps=steps, norm=norm, rho=rho, generator=generator), x[sel], restarts)
+            with torch.no_grad():
+                hit = model(adv).argmax(1) != y[sel]
+            result[sel] = torch.where(hit.view(-1, 1, 1, 1), adv, result[sel])
+            fooled[sel] = hit
+        return result.detach()
+
+
+__all__ = ["apgd", "apgd_t", "ce_loss"]

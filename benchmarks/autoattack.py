@@ -1,0 +1,141 @@
+"""advmnist's `evaluate --robust` ensemble against torchattacks' AutoAttack: agreement and speed.
+
+    pip install -e ".[bench]"
+    python benchmarks/autoattack.py --case plain=RUN_DIR:0.1 --case adversarial=RUN_DIR:0.3 [--n 1000]
+
+For each case (a training run and a Linf eps), on the first N test images and the same weights:
+  torchattacks  torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
+                n_classes=10, seed=0) on the whole selection (APGD-CE, APGD-T, FAB-T, Square-5000;
+                note its APGD, APGD-T and FAB default to 10 steps, not the paper's 100);
+  advmnist      advmnist.robustness.run_ensemble with the "standard" ensemble (APGD-CE 100 steps,
+                APGD-T 100 steps x 9 targets, Square 5000 queries), batch 1000.
+Each runs in a fresh worker process (advmnist raises glibc's malloc thresholds process-wide), one
+after the other, on the same machine. Robust accuracy is recomputed from the returned images.
+Writes the table into benchmarks/results.md between this script's markers (kept by bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results.md"
+BEGIN, END = "<!-- autoattack.py: begin -->", "<!-- autoattack.py: end -->"
+
+
+def _load(run: str, n: int):
+    import torch
+
+    from advmnist.data import load_mnist
+    from advmnist.runs import load_checkpoint
+
+    model, ckpt = load_checkpoint(run)
+    model.eval()
+    data = load_mnist()
+    return model, ckpt, data.test_x[:n], data.test_y[:n], torch
+
+
+def work_torchattacks(run: str, eps: float, n: int) -> dict:
+    import torchattacks
+
+    model, ckpt, x, y, torch = _load(run, n)
+    start = time.perf_counter()
+    adv = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)(x, y)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        robust = (model(adv).argmax(1) == y).float().mean().item() * 100
+        linf = (adv - x).abs().max().item()
+    return {"robust": robust, "seconds": seconds, "linf": linf, "torchattacks": torchattacks.__version__}
+
+
+def work_advmnist(run: str, eps: float, n: int) -> dict:
+    from advmnist.robustness import ensemble_stages, run_ensemble
+
+    model, ckpt, x, y, torch = _load(run, n)
+    start = time.perf_counter()
+    res = run_ensemble(model, x, y, eps=eps, stages=ensemble_stages("standard"))
+    seconds = time.perf_counter() - start
+    return {"robust": res["robust_accuracy"], "clean": res["clean_accuracy"], "seconds": seconds,
+            "model": ckpt["model"], "sha256": ckpt["sha256"][:12],
+            "per_attack": [(r["attack"], r["robust_accuracy_after"], r["seconds"]) for r in res["per_attack"]]}
+
+
+WORKERS = {"torchattacks": work_torchattacks, "advmnist": work_advmnist}
+
+
+def worker(job: str, **kw) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"job": job, **kw})],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"worker {job} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def render(rows: list[dict], argv: list[str], seconds: float) -> str:
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                    if ln.startswith("model name")), cpu)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [BEGIN, "## The robust evaluation against torchattacks' AutoAttack (agreement and speed)", "",
+             f"Machine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; torchattacks "
+             f"{rows[0]['ta']['torchattacks']}; commit `{commit}`. Command: `python benchmarks/autoattack.py "
+             f"{' '.join(argv)}` ({seconds:.0f} s in all). Same weights, the first N test images, Linf. "
+             "torchattacks: `AutoAttack(model, norm=\"Linf\", eps=eps, version=\"standard\", n_classes=10, seed=0)` "
+             "(its APGD, APGD-T and FAB run 10 steps by default). advmnist: `evaluate --robust`'s standard ensemble "
+             "(APGD-CE 100 steps, APGD-T 100 steps x 9 targets, Square 5000 queries). Each in a fresh process.", "",
+             "| case | model (sha256) | eps | N | clean (%) | torchattacks AutoAttack (%) | advmnist (%) | "
+             "advmnist - torchattacks (pp) | torchattacks (s) | advmnist (s) | speed-up |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        a, t = r["ours"], r["ta"]
+        lines.append(f"| {r['case']} | {a['model']} ({a['sha256']}) | {r['eps']:g} | {r['n']} | {a['clean']:.1f} | "
+                     f"{t['robust']:.1f} | {a['robust']:.1f} | {a['robust'] - t['robust']:+.1f} | {t['seconds']:.1f} | "
+                     f"{a['seconds']:.1f} | {t['seconds'] / a['seconds']:.2f}x |")
+    lines += ["", "advmnist's ensemble, cumulative robust accuracy after each attack (seconds):", ""]
+    for r in rows:
+        steps = "; ".join(f"{name} {acc:.1f}% ({s:.0f} s)" for name, acc, s in r["ours"]["per_attack"])
+        lines.append(f"- {r['case']}: {steps}")
+    return "\n".join(lines + ["", END]) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--case", action="append", default=[], help="NAME=RUN_DIR:EPS")
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        kw = json.loads(args.worker)
+        print(json.dumps(WORKERS[kw.pop("job")](**kw)))
+        return
+    started = time.perf_counter()
+    rows = []
+    for case in args.case:
+        name, rest = case.split("=", 1)
+        run, eps = rest.rsplit(":", 1)
+        ours = worker("advmnist", run=run, eps=float(eps), n=args.n)
+        print(f"{name}: advmnist {ours['robust']:.1f}% in {ours['seconds']:.1f} s", flush=True)
+        ta = worker("torchattacks", run=run, eps=float(eps), n=args.n)
+        print(f"{name}: torchattacks {ta['robust']:.1f}% in {ta['seconds']:.1f} s", flush=True)
+        rows.append({"case": name, "eps": float(eps), "n": args.n, "ours": ours, "ta": ta})
+    text = render(rows, sys.argv[1:], time.perf_counter() - started)
+    print(text)
+    if not args.no_write:
+        old = RESULTS.read_text()
+        if BEGIN in old:
+            old = old[:old.index(BEGIN)] + old[old.index(END) + len(END):].lstrip("\n")
+        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
