@@ -129,6 +129,8 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
     for eps in eps_list or []:
         if eps < 0:
             raise AttackError(f"eps must be >= 0, got {eps}")
+    if targeted and not spec.always_targeted and "targeted" not in accepted:
+        raise AttackError(f"attack {method!r} is untargeted: drop --targeted")
     targeted = targeted or spec.always_targeted
     if spec.always_targeted and per_digit is None and not limit:
         per_digit = 1

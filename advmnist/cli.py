@@ -1,16 +1,27 @@
-"""The `advmnist` command: a thin layer that parses options, calls one library function, prints."""
+"""The `advmnist` command: a thin layer that parses options, calls one library function, prints.
+
+Importing this module imports click and two small modules, never torch, numpy or matplotlib: each
+command imports what it needs in its body, so `--help`, `--version` and shell completion are quick.
+The option choices come from `names.py`, static copies of the registries that a test keeps in step.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
+from click.shell_completion import CompletionItem
 
-from .attacks.core import AttackError
 from .errors import AdvmnistError
-from .models import SCHEDULES
-from .train import ADVERSARIAL_METHODS
+from .names import ADVERSARIAL_METHODS, ATTACKS, ENSEMBLES, MODELS, SCHEDULES
+
+
+def _is_attack_error(exc: BaseException) -> bool:
+    # AttackError lives beside torch in attacks/core.py; if that module was never imported, nothing raised one.
+    core = sys.modules.get("advmnist.attacks.core")
+    return core is not None and isinstance(exc, core.AttackError)
 
 
 class _Group(click.Group):
@@ -19,7 +30,9 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (AdvmnistError, AttackError) as exc:
+        except Exception as exc:
+            if not (isinstance(exc, AdvmnistError) or _is_attack_error(exc)):
+                raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -37,6 +50,57 @@ data_dir_option = click.option("--data-dir", type=click.Path(), default=None, en
                                help="MNIST IDX files (default: the copy shipped with advmnist).")
 out_option = click.option("--out", type=click.Path(), default="runs", show_default=True,
                           help="Directory of run directories.")
+
+
+# Shell completion (see the README): these read only the name lists and the file system. Choice options
+# (--method, --adv, --schedule, --ensemble, ...) complete their choices through click itself.
+
+def _complete_model(ctx, param, incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(name) for name in MODELS if name.startswith(incomplete)]
+
+
+def _complete_run(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """Run directories (those holding a record.json) under --out, or under the directory being typed."""
+    roots = [str(ctx.params.get("out") or "runs")]
+    typed_dir = os.path.dirname(incomplete)
+    if typed_dir and os.path.normpath(typed_dir) != os.path.normpath(roots[0]):
+        roots.append(typed_dir)
+    found = []
+    for root in roots:
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith(".") or not os.path.isfile(os.path.join(entry.path, "record.json")):
+                continue
+            path = os.path.join(root, entry.name)
+            if path.startswith(incomplete) or entry.name.startswith(incomplete):
+                found.append(CompletionItem(path))
+    return found
+
+
+def _complete_spec(ctx, param, incomplete: str) -> list[CompletionItem]:
+    """*.toml files and directories under the directory being typed; also experiments/*.toml."""
+    typed_dir = os.path.dirname(incomplete)
+    found = []
+    for root in [typed_dir] + (["experiments"] if not typed_dir else []):
+        try:
+            entries = sorted(os.scandir(root or "."), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            path = os.path.join(root, entry.name)
+            if entry.name.startswith(".") and not os.path.basename(incomplete).startswith("."):
+                continue
+            if not (path.startswith(incomplete) or (not typed_dir and entry.name.startswith(incomplete))):
+                continue
+            if entry.is_dir():
+                if root == typed_dir:
+                    found.append(CompletionItem(path + os.sep))
+            elif entry.name.endswith(".toml"):
+                found.append(CompletionItem(path))
+    return found
 
 
 def _load_data(data_dir: str | None, device=None, limit_train: int | None = None,
@@ -63,7 +127,8 @@ def models_cmd() -> None:
 
 
 @main.command("train")
-@click.option("--model", "model_name", default="improved-bn", show_default=True, help="Zoo model name.")
+@click.option("--model", "model_name", default="improved-bn", show_default=True, help="Zoo model name.",
+              shell_complete=_complete_model)
 @click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
 @click.option("--lr", type=float, default=None, help="Override the learning rate.")
 @click.option("--momentum", type=float, default=None, help="Override SGD momentum.")
@@ -136,39 +201,73 @@ def _pick_run(run: str | None, model_name: str | None, out: str) -> Path:
     return found
 
 
+def _names(ctx, param, value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
 @main.command("evaluate")
-@click.option("--run", type=click.Path(), default=None, help="Run directory (default: the latest).")
-@click.option("--model", "model_name", default=None, help="Latest run of this model.")
+@click.option("--run", type=click.Path(), default=None, help="Run directory (default: the latest).",
+              shell_complete=_complete_run)
+@click.option("--model", "model_name", default=None, help="Latest run of this model.",
+              shell_complete=_complete_model)
 @click.option("--image", type=int, default=0, show_default=True, help="Test image for the feature maps.")
-@click.option("--robust", is_flag=True, help="Also the worst case under every attack, with sanity checks.")
-@click.option("--eps", type=float, default=0.3, show_default=True, help="With --robust: Linf bound.")
-@click.option("--steps", type=int, default=100, show_default=True, help="With --robust: PGD steps.")
-@click.option("--restarts", type=int, default=5, show_default=True, help="With --robust: PGD restarts.")
+@click.option("--robust", is_flag=True,
+              help="Also robust accuracy under an attack ensemble (worst case per example) and masking checks.")
+@click.option("--eps", type=float, default=0.3, show_default=True, help="With --robust: perturbation bound.")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True,
+              help="With --robust: threat model.")
+@click.option("--ensemble", type=click.Choice(ENSEMBLES), default="standard", show_default=True,
+              help="With --robust: standard = APGD-CE, APGD-T, Square (AutoAttack's); quick = fewer steps and "
+                   "queries; pgd = FGSM, PGD restarts, targeted PGD.")
+@click.option("--attacks", callback=_names, default=None,
+              help="With --robust: only these attacks of the ensemble, e.g. apgd-ce,square.")
+@click.option("--steps", type=int, default=None, help="With --robust: steps of the gradient attacks.")
+@click.option("--restarts", type=int, default=None, help="With --robust: restarts of the gradient attacks.")
+@click.option("--queries", type=int, default=None, help="With --robust: Square's query budget.")
+@click.option("--alone", is_flag=True, help="With --robust: also each attack on its own (slower).")
 @click.option("--limit", type=int, default=1000, show_default=True,
               help="With --robust: the first N test images (0: all 10,000).")
+@click.option("--check-n", type=int, default=1000, show_default=True,
+              help="With --robust: images for the masking checks.")
 @out_option
 @data_dir_option
-def evaluate_cmd(run, model_name, image, robust, eps, steps, restarts, limit, out, data_dir) -> None:
+def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, steps, restarts, queries, alone, limit,
+                 check_n, out, data_dir) -> None:
     """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run."""
     from .evaluation import evaluate_run, robust_evaluate_run
 
     run_dir = _pick_run(run, model_name, out)
     data = _load_data(data_dir)
     if robust:
-        rr = robust_evaluate_run(run_dir, data, eps=eps, steps=steps, restarts=restarts, limit=limit,
+        rr = robust_evaluate_run(run_dir, data, eps=eps, norm=norm, ensemble=ensemble, attacks=attacks, steps=steps,
+                                 restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
                                  log=lambda line: click.echo(f"  {line}", err=True))
-        click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at eps {eps:g} "
-                   f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over "
-                   f"{len(rr['per_attack'])} attacks, {rr['wall_time_s']:.0f} s)")
+        click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at {norm} eps {eps:g} "
+                   f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over the {ensemble} ensemble, "
+                   f"{rr['wall_time_s']:.0f} s)")
+        click.echo(robust_table(rr))
         for c in rr["checks"]:
-            click.echo(f"  [{'ok' if c['passed'] else 'FAILED'}] {c['check']}: {c['detail']}")
+            click.echo(f"  [{'ok' if c['passed'] else 'FLAGGED'}] {c['check']}: {c['detail']}")
         for w in rr["warnings"]:
             click.echo(f"warning: {w}", err=True)
     rec = evaluate_run(run_dir, data, image_index=image)
     click.echo(f"{rec['model']}: test accuracy {rec['accuracy']:.2f}% on {rec['n']} images")
     click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
     click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "
-               f"feature_maps.png)")
+               f"feature_maps.png{', robust.json' if robust else ''})")
+
+
+def robust_table(rr: dict) -> str:
+    """The per-attack table users ask AutoAttack for: robust accuracy after each attack."""
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    width = max([len(a["attack"]) for a in rr["per_attack"]] + [12])
+    lines = [f"  {'attack':<{width}} {'alone %':>8} {'cumulative %':>13} {'seconds':>8}",
+             f"  {'clean':<{width}} {pct(rr['clean_accuracy']):>8} {pct(rr['clean_accuracy']):>13}"]
+    lines += [f"  {a['attack']:<{width}} {pct(a.get('robust_accuracy_alone')):>8} "
+              f"{pct(a['robust_accuracy_after']):>13} {a.get('seconds', 0):>8.0f}" for a in rr["per_attack"]]
+    return "\n".join(lines)
 
 
 def _floats(ctx, param, value):
@@ -181,42 +280,50 @@ def _floats(ctx, param, value):
 
 
 @main.command("attack")
-@click.option("--method", type=click.Choice(["penalty", "gd", "fgsm", "pgd"]), default="penalty",
-              show_default=True, help="Which attack.")
-@click.option("--run", type=click.Path(), default=None, help="Training run to attack (default: the latest).")
-@click.option("--model", "model_name", default=None, help="Attack the latest run of this model.")
+@click.option("--method", type=click.Choice(ATTACKS), default="penalty",
+              show_default=True, help="Which attack (the attack registry).")
+@click.option("--run", type=click.Path(), default=None, help="Training run to attack (default: the latest).",
+              shell_complete=_complete_run)
+@click.option("--model", "model_name", default=None, help="Attack the latest run of this model.",
+              shell_complete=_complete_model)
 @click.option("--eta", type=float, default=None, help="penalty: step size (default 0.1).")
 @click.option("--lam", type=float, default=None, help="penalty: weight of the pull towards x_target (default 0.05).")
-@click.option("--steps", type=int, default=None, help="penalty/gd/pgd: number of steps.")
+@click.option("--steps", type=int, default=None, help="penalty/gd/pgd/apgd/apgd-t: number of steps.")
 @click.option("--init", type=click.Choice(["noise", "image"]), default=None, help="penalty: start point.")
 @click.option("--clamp/--no-clamp", default=None, help="penalty: keep iterates in [0, 1] (default on).")
 @click.option("--lr", type=float, default=None, help="gd: step size (default 0.1).")
 @click.option("--eps", callback=_floats, default=None,
-              help="fgsm/pgd: perturbation bound; a comma list sweeps (default 0.3).")
-@click.option("--alpha", type=float, default=None, help="pgd: step size (default 2.5 * eps / steps).")
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="pgd: threat model.")
-@click.option("--restarts", type=int, default=None, help="pgd: random restarts, worst case kept per example.")
+              help="fgsm/pgd/apgd/apgd-t/square: perturbation bound; a comma list sweeps (default 0.3).")
+@click.option("--alpha", type=float, default=None, help="pgd: step size (default: see `pgd`'s docstring).")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="pgd/apgd/apgd-t/square: threat model.")
+@click.option("--restarts", type=int, default=None,
+              help="pgd/apgd/apgd-t: random restarts, worst case kept per example.")
+@click.option("--loss", type=click.Choice(["ce", "dlr"]), default=None, help="apgd: loss to maximise (default ce).")
+@click.option("--targets", type=int, default=None, help="apgd-t: how many top other classes to target (default 9).")
+@click.option("--queries", type=int, default=None, help="square: query budget (default 5000).")
 @click.option("--random-start/--no-random-start", default=None, help="pgd: start inside the ball (default on).")
 @click.option("--targeted", is_flag=True, help="fgsm/pgd: aim at targets from --target-map.")
 @click.option("--target-map", default="next", show_default=True,
               help="next, prev, all, or pairs like 0:3,1:7.")
 @click.option("--per-digit", type=int, default=None,
               help="Attack the first N test images of each digit (penalty/gd default 1).")
-@click.option("--limit", type=int, default=None, help="fgsm/pgd: attack the first N test images (default 1000).")
+@click.option("--limit", type=int, default=None,
+              help="untargeted attacks: attack the first N test images (default 1000).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-fast", is_flag=True, help="Plain autograd gradients instead of the fast path (to compare).")
-def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, alpha, norm, restarts,
-               random_start, targeted, target_map, per_digit, limit, seed, device, out, data_dir, quiet,
+def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, alpha, norm, restarts, loss, targets,
+               queries, random_start, targeted, target_map, per_digit, limit, seed, device, out, data_dir, quiet,
                no_fast) -> None:
     """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html."""
     from .attacking import run_attack
 
     params = {"eta": eta, "lam": lam, "steps": steps, "init": init, "clamp": clamp, "lr": lr,
-              "alpha": alpha, "norm": norm, "restarts": restarts, "random_start": random_start,
+              "alpha": alpha, "norm": norm, "restarts": restarts, "random_start": random_start, "loss": loss,
+              "targets": targets, "queries": queries,
               "fast": False if no_fast else None}
     if eps is not None and len(eps) == 1:
         params["eps"], eps = eps[0], None
@@ -241,7 +348,7 @@ def experiment_group() -> None:
 
 
 @experiment_group.command("run")
-@click.argument("specs", nargs=-1, required=True, type=click.Path())
+@click.argument("specs", nargs=-1, required=True, type=click.Path(), shell_complete=_complete_spec)
 @out_option
 @click.option("--results", type=click.Path(), default=None,
               help="Where pages go (default: results/ beside the spec).")

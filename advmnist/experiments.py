@@ -24,6 +24,7 @@ import torch
 
 from . import pictures, runs
 from .attacks import get_attack
+from .attacks.core import default_alpha
 from .data import MNIST, load_mnist
 from .errors import AdvmnistError
 from .measures import attack_measures, eval_mode, predict_logits
@@ -60,13 +61,18 @@ class Transfer:
 
 @dataclass(frozen=True)
 class Robust:
-    """The worst-case evaluation of `advmnist evaluate --robust` (advmnist.robustness) for every run."""
+    """The evaluation of `advmnist evaluate --robust` (advmnist.robustness) for every run."""
 
     eps: float = 0.3
-    steps: int = 100
-    restarts: int = 5
+    ensemble: str = "standard"  # standard (APGD-CE, APGD-T, Square), quick, or pgd (FGSM, PGD, targeted PGD)
+    attacks: tuple[str, ...] = ()  # only these attacks of the ensemble; empty: all
+    steps: int | None = None  # steps of the gradient attacks; None: the ensemble's
+    restarts: int | None = None  # restarts of the gradient attacks; None: the ensemble's
+    queries: int | None = None  # Square's query budget; None: the ensemble's
+    norm: str = "linf"
+    alone: bool = False  # also each attack on its own
     limit: int = 0  # the first N test images; 0: all of them
-    check_n: int = 500  # images for the sanity checks
+    check_n: int = 1000  # images for the masking checks
 
 
 @dataclass(frozen=True)
@@ -109,9 +115,18 @@ def load_spec(path: str | Path) -> Spec:
     raw = _only(raw, Spec, str(path))
     spec = Spec(**{**raw, "variants": variants, "attacks": attacks, "seeds": tuple(raw.get("seeds", (0,))),
                    "transfer": Transfer(**_only(transfer, Transfer, f"{path} [transfer]")) if transfer else None,
-                   "robust": Robust(**_only(robust, Robust, f"{path} [robust]")) if robust is not None else None})
-    if spec.robust is not None and (spec.robust.eps < 0 or spec.robust.steps < 1 or spec.robust.restarts < 1):
-        raise AdvmnistError(f"{path} [robust]: needs eps >= 0, steps >= 1 and restarts >= 1")
+                   "robust": Robust(**{**_only(robust, Robust, f"{path} [robust]"),
+                                       "attacks": tuple(robust.get("attacks", ()))}) if robust is not None else None})
+    if spec.robust is not None:
+        from .robustness import ensemble_stages
+
+        r = spec.robust
+        if not r.eps >= 0 or r.norm not in ("linf", "l2"):
+            raise AdvmnistError(f"{path} [robust]: needs eps >= 0 and norm linf or l2")
+        try:
+            ensemble_stages(r.ensemble, r.attacks, steps=r.steps, restarts=r.restarts, queries=r.queries)
+        except AdvmnistError as exc:
+            raise AdvmnistError(f"{path} [robust]: {exc}") from None
     if not spec.variants:
         raise AdvmnistError(f"{path}: no [[variant]]")
     for v in spec.variants:
@@ -123,6 +138,10 @@ def load_spec(path: str | Path) -> Spec:
         for key in a.params:
             if key not in accepted:
                 raise AdvmnistError(f"{path}: attack {a.method!r} takes no parameter {key!r}")
+        lists = {k: len(v) for k, v in a.params.items() if isinstance(v, list)}
+        if lists and (set(lists.values()) != {lists.get("eps", -1)}):
+            raise AdvmnistError(f"{path}: attack {a.method!r}: a list parameter needs an eps list of the same "
+                                f"length, got lengths {lists}")
     return spec
 
 
@@ -161,11 +180,12 @@ def _cached(path: Path, compute: Callable[[], dict]) -> dict:
     return runs.read_json(path)
 
 
-def _attack_cached(run: Path, data: MNIST, a: AttackEval, eps: float | None, seed: int) -> dict:
-    """Overall attack measures for one run, computed once and cached in the run directory."""
-    params = dict(a.params)
-    if eps is not None:
-        params["eps"] = eps
+def _attack_cached(run: Path, data: MNIST, a: AttackEval, point: dict, seed: int) -> dict:
+    """Overall attack measures for one run, computed once and cached in the run directory.
+    `point`: this column's values of the parameters given as lists (eps and what goes with it)."""
+    params = {**a.params, **point}
+    if a.method == "pgd" and "alpha" not in params:  # the key holds the step used, not "the default of the day"
+        params["alpha"] = default_alpha(params.get("eps", 0.3), params.get("steps", 40))
     key = {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
     return _cached(run / "attack-cache" / f"{a.method}-{_key(key)}.json",
                    lambda: {**key, **_attack(run, data, a, params, seed)})["overall"]
@@ -251,12 +271,13 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     for a in spec.attacks:
         eps_values = a.params.get("eps")
         sweep = eps_values if isinstance(eps_values, list) else [None]
-        for eps in sweep:
+        for i, eps in enumerate(sweep):
             label = a.label or a.method
             if eps is not None:
                 label = f"{label} eps {eps:g}"
             log(f"attack {label}")
-            per_variant = [[_attack_cached(run, data, a, eps, seed) for run, seed in zip(found, spec.seeds)]
+            point = {k: v[i] for k, v in a.params.items() if isinstance(v, list)}  # lists go with the eps list
+            per_variant = [[_attack_cached(run, data, a, point, seed) for run, seed in zip(found, spec.seeds)]
                            for _, found, _ in rows]
             attack_cols.append((label, per_variant))
 
@@ -281,37 +302,64 @@ def _robust_cached(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
     from .evaluation import robust_evaluate_run
 
     def compute() -> dict:
-        log(f"worst-case evaluation of {run.name}")
-        return robust_evaluate_run(run, data, eps=r.eps, steps=r.steps, restarts=r.restarts, limit=r.limit or None,
-                                   check_n=r.check_n, seed=seed, log=lambda m: log(f"  {m}"))
+        log(f"robust evaluation of {run.name}")
+        return robust_evaluate_run(run, data, eps=r.eps, ensemble=r.ensemble, attacks=list(r.attacks) or None,
+                                   steps=r.steps, restarts=r.restarts, queries=r.queries, norm=r.norm,
+                                   alone=r.alone, limit=r.limit or None, check_n=r.check_n, seed=seed,
+                                   log=lambda m: log(f"  {m}"))
 
     key = {**dataclasses.asdict(r), "seed": seed, "data": data.checksum}
     return _cached(run / "attack-cache" / f"robust-{_key(key)}.json", compute)
 
 
+def robust_command(r: Robust) -> str:
+    """The `advmnist evaluate` command line that gives this evaluation."""
+    parts = [f"advmnist evaluate --robust --eps {r.eps:g}"]
+    if r.norm != "linf":
+        parts.append(f"--norm {r.norm}")
+    if r.ensemble != "standard":
+        parts.append(f"--ensemble {r.ensemble}")
+    if r.attacks:
+        parts.append(f"--attacks {','.join(r.attacks)}")
+    for name in ("steps", "restarts", "queries"):
+        if getattr(r, name) is not None:
+            parts.append(f"--{name} {getattr(r, name)}")
+    if r.alone:
+        parts.append("--alone")
+    parts.append(f"--limit {r.limit}")
+    if r.check_n != 1000:
+        parts.append(f"--check-n {r.check_n}")
+    return " ".join(parts)
+
+
 def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
     r = spec.robust
     first = robust[0][0]
-    lines = ["## Worst-case robust accuracy", "",
-             f"`advmnist evaluate --robust --eps {r.eps:g} --steps {r.steps} --restarts {r.restarts}"
-             f"{'' if not r.limit else f' --limit {r.limit}'}` on {first['n']} test images: an image counts as "
+    lines = ["## Robust accuracy under the standard evaluation", "",
+             f"`{robust_command(r)}` on {first['n']} test images, worst case per example: an image counts as "
              "robust only if every attack below fails on it; each attack runs on the images all earlier ones "
-             "left standing. Mean over seeds.", "",
-             "| variant | clean (%) | worst-case robust (%) | seeds | evaluation time (s) |",
-             "| --- | ---: | ---: | --- | ---: |"]
+             "left standing (as AutoAttack does). Mean over seeds. A flag means the number is not to be "
+             "trusted: a sign of gradient masking or of an evaluation that has not converged.", "",
+             "| variant | clean (%) | robust (%) | seeds | masking checks | evaluation time (s) |",
+             "| --- | ---: | ---: | --- | --- | ---: |"]
     for (v, _, _), recs in zip(rows, robust):
         accs = [x["robust_accuracy"] for x in recs]
+        flagged = [c for x in recs for c in x.get("masking", {}).get("failed", [])]
+        badge = f"**FLAGGED** ({len(flagged)})" if flagged else "none fired"
         lines.append(f"| {v.label} | {statistics.fmean(x['clean_accuracy'] for x in recs):.2f} | "
-                     f"{statistics.fmean(accs):.2f} | {_per_seed(accs)} | "
+                     f"{statistics.fmean(accs):.2f} | {_per_seed(accs)} | {badge} | "
                      f"{statistics.fmean(x['wall_time_s'] for x in recs):.0f} |")
     for (v, _, _), recs in zip(rows, robust):
         rec = recs[0]
         lines += ["", f"### {v.label}: robust accuracy after each attack (seed {spec.seeds[0]})", "",
-                  "| attack | robust accuracy after it (%) |", "| --- | ---: |",
-                  f"| none (clean) | {rec['clean_accuracy']:.2f} |"]
-        lines += [f"| {a['attack']} | {a['robust_accuracy_after']:.2f} |" for a in rec["per_attack"]]
-        lines += ["", f"Sanity checks on the first {rec['settings']['check_n']} images:", ""]
-        lines += [f"- {'passed' if c['passed'] else '**FAILED**'}: {c['check']} ({c['detail']})" for c in rec["checks"]]
+                  "| attack | alone (%) | cumulative (%) | images attacked | seconds |",
+                  "| --- | ---: | ---: | ---: | ---: |",
+                  f"| none (clean) | {rec['clean_accuracy']:.2f} | {rec['clean_accuracy']:.2f} | | |"]
+        lines += [f"| {a['attack']} | {_fmt(a.get('robust_accuracy_alone'))} | {a['robust_accuracy_after']:.2f} | "
+                  f"{a.get('attacked', '')} | {a.get('seconds', '')} |" for a in rec["per_attack"]]
+        lines += ["", f"Masking checks on the first {rec['settings']['check_n']} images:", ""]
+        lines += [f"- {'passed' if c['passed'] else '**FLAGGED**'}: {c['check']} ({c['detail']})"
+                  for c in rec["checks"]]
     return "\n".join(lines) + "\n\n"
 
 
@@ -374,16 +422,17 @@ def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: M
                   "target digit + 1); mean over seeds.", "",
                   "| variant | clean | " + " | ".join(label for label, _ in attack_cols) + " |",
                   "| --- | ---: |" + " ---: |" * len(attack_cols)]
+        groups = _attack_groups(spec.attacks, attack_cols)
         for i, (v, _, recs) in enumerate(rows):
             cells = []
-            for label, per_variant in attack_cols:
-                key = "fooling_rate" if label.startswith("penalty") else "robust_accuracy"
-                cells.append(_fmt(statistics.fmean(m[key] for m in per_variant[i]), ".1f"))
+            for a, cols in groups:
+                key = "fooling_rate" if a.method == "penalty" else "robust_accuracy"
+                cells += [_fmt(statistics.fmean(m[key] for m in per_variant[i]), ".1f") for _, per_variant in cols]
             clean = statistics.fmean(r["test_accuracy"] for r in recs)
             lines.append(f"| {v.label} | {clean:.2f} | " + " | ".join(cells) + " |")
         plot = f"{spec.name}_robustness.png"
-        _plot_robustness(rows, attack_cols, results / plot)
-        lines += ["", f"![robust accuracy against eps]({plot})", ""]
+        if _plot_robustness(rows, groups, results / plot):  # linked only when drawn: no eps, no figure
+            lines += ["", f"![robust accuracy against eps (eps 0: clean accuracy)]({plot})", ""]
     lines += [robust_md + "{TRANSFER}", ""]
     return "\n".join(lines)
 
@@ -412,30 +461,46 @@ def _line_style(i: int) -> dict:
     return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "marker": "o" if i < 10 else "s"}
 
 
-def _plot_robustness(rows, attack_cols, path: Path) -> None:
-    sweeps: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for label, per_variant in attack_cols:
-        if " eps " not in label:
-            continue
-        method, eps = label.rsplit(" eps ", 1)
-        for (v, _, _), ms in zip(rows, per_variant):
-            sweeps.setdefault(method, {}).setdefault(v.label, []).append(
-                (float(eps), statistics.fmean(m["robust_accuracy"] for m in ms)))
-    if not sweeps:
-        return
+def _attack_groups(attacks, attack_cols) -> list[tuple[AttackEval, list[tuple[float | None, list]]]]:
+    """Each attack of the spec with its page columns, in the order `run_experiment` made them:
+    (attack, [(eps, per_variant), ...]). eps comes from the attack's parameters (its default when the
+    spec gives none); None for attacks without one (penalty, gd)."""
+    groups, i = [], 0
+    for a in attacks:
+        given = a.params.get("eps", get_attack(a.method).defaults().get("eps"))
+        eps_values = given if isinstance(given, list) else [given]
+        cols = attack_cols[i: i + len(eps_values)]
+        i += len(eps_values)
+        groups.append((a, [(None if e is None else float(e), per_variant)
+                           for e, (_, per_variant) in zip(eps_values, cols)]))
+    assert i == len(attack_cols), "attack columns out of step with the spec's attacks"
+    return groups
+
+
+def _plot_robustness(rows, groups, path: Path) -> bool:
+    """Robust accuracy against eps, one panel per attack with an eps, clean accuracy at eps 0.
+    Returns whether a figure was written (False: no attack has an eps)."""
+    panels = [(a, cols) for a, cols in groups if cols and all(eps is not None for eps, _ in cols)]
+    if not panels:
+        return False
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.2), squeeze=False)
-    for ax, (method, series) in zip(axes[0], sweeps.items()):
-        for i, (name, pts) in enumerate(series.items()):
-            ax.plot([0.0] + [p[0] for p in pts],
-                    [statistics.fmean(r["test_accuracy"] for r in next(recs for v, _, recs in rows
-                                                                        if v.label == name))]
-                    + [p[1] for p in pts], ms=3, label=name, **_line_style(i))
-        ax.set(xlabel="epsilon (Linf)", ylabel="robust accuracy (%)", title=method, ylim=(-2, 102))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (a, cols) in zip(axes[0], panels):
+        for i, (v, _, recs) in enumerate(rows):
+            clean = statistics.fmean(r["test_accuracy"] for r in recs)
+            ax.plot([0.0] + [eps for eps, _ in cols],
+                    [clean] + [statistics.fmean(m["robust_accuracy"] for m in per_variant[i])
+                               for _, per_variant in cols],
+                    ms=3, label=v.label, **_line_style(i))
+        others = ", ".join(f"{k}={val}" for k, val in a.params.items() if k != "eps")
+        norm = "L2" if a.params.get("norm") == "l2" else "Linf"
+        ax.set(xlabel=f"epsilon ({norm})", ylabel="robust accuracy (%)",
+               title=f"{a.label or a.method}{f' ({others})' if others else ''}", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     pictures._save(fig, path)
+    return True
 
 
 def _transfer(spec: Spec, rows, data: MNIST, results: Path, log) -> str:

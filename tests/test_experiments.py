@@ -144,8 +144,9 @@ adversarial = { method = "pgd", eps = 0.1, steps = 2, alpha = 0.05, ramp_epochs 
 
 [robust]
 eps = 0.1
+ensemble = "quick"
 steps = 3
-restarts = 2
+queries = 50
 limit = 100
 check_n = 50
 """
@@ -160,10 +161,12 @@ def test_adversarial_spec_gets_a_worst_case_section(tmp_path, small):
     (run,) = (tmp_path / "runs").glob("strided-*")
     (cached,) = (run / "attack-cache").glob("robust-*.json")
     rec = json.loads(cached.read_text())
-    assert rec["settings"] == {"eps": 0.1, "steps": 3, "restarts": 2, "targeted": True, "n": 100, "check_n": 50}
-    assert "## Worst-case robust accuracy" in page and f"| {rec['robust_accuracy']:.2f} |" in page
-    assert "PGD-3, restart 2/2" in page and "targeted PGD-3, target = label + 9" in page
-    assert page.count("passed: ") + page.count("**FAILED**: ") == 5
+    assert rec["settings"] == {"eps": 0.1, "norm": "linf", "ensemble": "quick", "attacks": ["apgd-ce", "apgd-t", "square"],
+                               "steps": 3, "restarts": None, "queries": 50, "alone": False, "n": 100, "check_n": 50}
+    assert "## Robust accuracy under the standard evaluation" in page and f"| {rec['robust_accuracy']:.2f} |" in page
+    assert "APGD-CE (3 steps)" in page and "APGD-T (3 steps x 3 targets)" in page and "Square (50 queries)" in page
+    assert "advmnist evaluate --robust --eps 0.1 --ensemble quick --steps 3 --queries 50 --limit 100" in page
+    assert page.count("passed: ") + page.count("**FLAGGED**: ") == len(rec["checks"]) == 5
     after = [a["robust_accuracy_after"] for a in rec["per_attack"]]
     assert after == sorted(after, reverse=True) and after[-1] == rec["robust_accuracy"] <= rec["clean_accuracy"]
     train = json.loads((run / "record.json").read_text())
