@@ -18,21 +18,13 @@ from .errors import AdvmnistError
 from .names import ADVERSARIAL_METHODS, ATTACKS, ENSEMBLES, MODELS, SCHEDULES
 
 
-def _is_attack_error(exc: BaseException) -> bool:
-    # AttackError lives beside torch in attacks/core.py; if that module was never imported, nothing raised one.
-    core = sys.modules.get("advmnist.attacks.core")
-    return core is not None and isinstance(exc, core.AttackError)
-
-
 class _Group(click.Group):
     """Turns library errors into one line on stderr and exit code 2, Ctrl-C into exit 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except Exception as exc:
-            if not (isinstance(exc, AdvmnistError) or _is_attack_error(exc)):
-                raise
+        except AdvmnistError as exc:  # AttackError and every other bad-input error derive from it
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

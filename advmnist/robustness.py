@@ -73,6 +73,15 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     return 100.0 * _correct(model, adv, y).float().mean().item()
 
 
+def zero_gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int = 500) -> dict:
+    """Input gradients that are all zero (a quantised or saturated model) hide it from gradient attacks."""
+    with frozen(model):
+        g, _ = gradient_fn(model, x[:n])(x[:n], y[:n])
+    zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() * 100
+    return {"check": "input gradients are not zero", "passed": zero < 1.0,
+            "detail": f"{zero:.1f}% of examples have an all-zero input gradient"}
+
+
 def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, tolerance: float = 1.0,
                   seed: int = 0, steps: int = 20, more_steps: int = 100) -> list[dict]:
     """Checks that robust accuracy is real: each is {check, passed, detail}.
@@ -96,11 +105,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
         more = pgd_accuracy(model, x, y, eps, more_steps, restarts=2, seed=seed + 1)
         checks.append({"check": "more steps and restarts do not raise accuracy", "passed": more <= accs[2] + tolerance,
                        "detail": f"PGD-{more_steps} x 2 restarts {more:.1f}% vs PGD-{steps} {accs[2]:.1f}%"})
-        with frozen(model):
-            g, _ = gradient_fn(model, x[:500])(x[:500], y[:500])
-        zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() * 100
-        checks.append({"check": "input gradients are not zero", "passed": zero < 1.0,
-                       "detail": f"{zero:.1f}% of examples have an all-zero input gradient"})
+        checks.append(zero_gradient_check(model, x, y))
     return checks
 
 
@@ -272,9 +277,5 @@ def masking_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: d
                            "passed": gap <= 3.0,
                            "detail": f"training {train_adv_accuracy:.1f}% vs test {result['robust_accuracy']:.1f}% "
                                      f"(limit 3 pp)"})
-        with frozen(model):
-            g, _ = gradient_fn(model, x[:500])(x[:500], y[:500])
-        zero = (g.flatten(1).abs().amax(1) == 0).float().mean().item() * 100
-        checks.append({"check": "input gradients are not zero", "passed": zero < 1.0,
-                       "detail": f"{zero:.1f}% of examples have an all-zero input gradient"})
+        checks.append(zero_gradient_check(model, x, y))
     return checks

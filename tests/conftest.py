@@ -31,3 +31,18 @@ def trained_small(small):
     history = fit(model, small, resolve_recipe("improved-bn", epochs=1), seed=0)
     model.eval()
     return model, history
+
+
+@pytest.fixture(scope="module")
+def model(trained_small):
+    return trained_small[0]
+
+
+@pytest.fixture(scope="module")
+def batch(small, model):
+    """200 test images the small model classifies correctly, with their labels."""
+    from advmnist.measures import predict_logits
+
+    x, y = small.test_x[:300], small.test_y[:300]
+    ok = predict_logits(model, x).argmax(1) == y
+    return x[ok][:200], y[ok][:200]

@@ -12,19 +12,6 @@ QUICK = {"penalty": {"steps": 30}, "gd": {"steps": 30}, "fgsm": {"eps": 0.1}, "p
          "square": {"eps": 0.1, "queries": 30}}
 
 
-@pytest.fixture(scope="module")
-def model(trained_small):
-    return trained_small[0]
-
-
-@pytest.fixture(scope="module")
-def batch(small, model):
-    """200 test images the model classifies correctly, with their labels."""
-    x, y = small.test_x[:300], small.test_y[:300]
-    ok = predict_logits(model, x).argmax(1) == y
-    return x[ok][:200], y[ok][:200]
-
-
 def acc(model, x, y):
     return (predict_logits(model, x).argmax(1) == y).float().mean().item()
 

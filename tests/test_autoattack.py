@@ -16,18 +16,6 @@ from advmnist.measures import predict_logits
 from advmnist.robustness import ensemble_stages, masking_checks, run_ensemble
 
 
-@pytest.fixture(scope="module")
-def model(trained_small):
-    return trained_small[0]
-
-
-@pytest.fixture(scope="module")
-def batch(small, model):
-    x, y = small.test_x[:300], small.test_y[:300]
-    ok = predict_logits(model, x).argmax(1) == y
-    return x[ok][:200], y[ok][:200]
-
-
 def acc(model, x, y):
     return 100.0 * (predict_logits(model, x).argmax(1) == y).float().mean().item()
 
@@ -69,6 +57,7 @@ def test_apgd_dlr_and_targeted_fool_and_are_seeded(model, batch):
 def test_apgd_eps_zero_and_bad_parameters(model, batch):
     x, y = batch[0][:8], batch[1][:8]
     assert torch.equal(apgd(model, x, y, eps=0.0, steps=5), x)
+    assert issubclass(AttackError, AdvmnistError)  # bad attack input takes the CLI's one-line error path
     with pytest.raises(AttackError, match="loss must be"):
         apgd(model, x, y, loss="hinge")
     with pytest.raises(AttackError, match="targets must be"):

@@ -131,8 +131,10 @@ def test_spec_completion_offers_toml_files_and_directories(tmp_path):
     assert "experiments/report001.toml" in _complete("advmnist experiment run rep")
 
 
-def test_attack_errors_are_still_recognised():
-    from advmnist.attacks.core import AttackError
-    from advmnist.cli import _is_attack_error
+def test_attack_errors_take_the_one_line_error_path(tmp_path):
+    from click.testing import CliRunner
 
-    assert _is_attack_error(AttackError("bad eps")) and not _is_attack_error(ValueError("other"))
+    from advmnist.cli import main
+
+    result = CliRunner().invoke(main, ["attack", "--method", "square", "--targeted", "--run", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and "untargeted" in result.output

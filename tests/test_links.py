@@ -33,7 +33,7 @@ overrides = {{ epochs = 1 }}
 """
 
 SPECS = {
-    # the issue's spec: one attack at one eps (the column label holds no eps)
+    # one attack at one eps (the column label holds no eps)
     "one_eps": HEAD.format(title="One attack, one eps", seeds="[0, 1]") + """
 [[attack]]
 method = "fgsm"
@@ -114,7 +114,7 @@ def test_link_finder_on_a_sample(tmp_path):
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """All four specs in one `advmnist experiment run ... --out L --results LR` (as in the issue)."""
+    """All four specs in one `advmnist experiment run ... --out L --results LR`."""
     root = tmp_path_factory.mktemp("links")
     (root / "specs").mkdir()
     paths = []

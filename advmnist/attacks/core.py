@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import AdvmnistError
 from ..memory import keep_freed_memory
 
 
-class AttackError(ValueError):
-    """An invalid attack parameter or an unknown attack name."""
+class AttackError(AdvmnistError, ValueError):
+    """An invalid attack parameter or an unknown attack name (bad input, so an AdvmnistError: the
+    CLI prints it as one line)."""
 
 
 @dataclass(frozen=True)
