@@ -18,7 +18,7 @@ from . import pictures, runs
 from .attacks import AttackError, get_attack
 from .data import MNIST
 from .measures import attack_measures, eval_mode, evaluate
-from .train import pick_device
+from .devices import pick_device
 
 ATTACKS_DIR = "attacks"
 

@@ -137,9 +137,10 @@ def _pgd_stages(steps: int = 100, restarts: int = 5) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-# Croce & Hein 2020's "standard" AutoAttack less FAB-T (APGD-T and Square already cover what it adds
-# on MNIST in their paper's tables); `quick` is for tests and sweeps; `pgd` is the PGD-based
-# evaluation (FGSM, PGD restarts, targeted PGD) this project used before, kept to compare.
+# Croce & Hein 2020's "standard" AutoAttack less FAB-T, which advmnist does not implement yet
+# (benchmarks/results.md compares the ensemble with torchattacks' AutoAttack, FAB-T included);
+# `quick` is for tests and sweeps; `pgd` is the PGD-based evaluation (FGSM, PGD restarts, targeted
+# PGD) this project used before, kept to compare.
 ENSEMBLES: dict[str, Callable[..., tuple[Stage, ...]]] = {
     "standard": lambda steps=None, restarts=None, queries=None: _standard(steps or 100, 9, queries or 5000),
     "quick": lambda steps=None, restarts=None, queries=None: _standard(steps or 20, 3, queries or 500),

@@ -23,29 +23,13 @@ from . import runs
 from .attacks import pgd
 from .attacks.core import project_linf
 from .data import MNIST, load_mnist
+from .devices import pick_device
 from .errors import AdvmnistError
 from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
 from .models import SCHEDULES, Recipe, create_model, get_spec
 from .names import ADVERSARIAL_METHODS  # defined without torch, for the CLI
 from .robustness import pgd_accuracy
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' means cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise AdvmnistError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise AdvmnistError("device 'cuda' asked for, but no CUDA GPU is available")
-    return device
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:

@@ -195,3 +195,11 @@ def test_measures_are_recomputed_from_the_final_images(model, batch):
     assert m["overall"]["linf"]["max"] <= 0.15 + 1e-6
     assert sum(s["n"] for s in m["per_digit"].values()) == 100
     assert m["per_example"]["success"] == (pred != y).tolist()
+
+
+def test_default_pgd_is_as_strong_as_the_usual_pgd40(model, batch):
+    """At its defaults PGD leaves no more robust accuracy than PGD-40 with alpha 0.01 and a random start."""
+    x, y = batch
+    usual = acc(model, pgd(model, x, y, eps=0.1, steps=40, alpha=0.01, generator=torch.Generator().manual_seed(0)), y)
+    default = acc(model, pgd(model, x, y, eps=0.1, steps=40, generator=torch.Generator().manual_seed(0)), y)
+    assert default <= usual + 0.01  # within 2 of these 200 images
