@@ -142,9 +142,9 @@ def bench_train(data, batches: int | None) -> list[dict]:
     what = f"improved-bn training, {'one epoch' if batches is None else f'{batches} batches'} at batch 64"
     return [
         {"workload": what, "ours": t_ours, "reference": t_ref, "ref_name": "reports' DataLoader loop",
-         "target": ">= 3.7x (issue 7); >= 1.6x (issue 2)", "flops": total_flops},
+         "target": ">= 3.7x; >= 1.6x", "flops": total_flops},
         {"workload": what, "ours": t_ours, "reference": t_bare,
-         "ref_name": "bare forward+backward+step on one fixed batch", "target": "within 5% (issue 2)",
+         "ref_name": "bare forward+backward+step on one fixed batch", "target": "within 5%",
          "flops": total_flops},
     ]
 
@@ -200,13 +200,13 @@ def bench_pgd(model_file: str, data, n: int, bs: int = 1000) -> list[dict]:
     what = f"PGD-40 eps 0.3, improved-bn, {n} test images, batch {bs}"
     return [
         {"workload": what, "ours": t_ours, "reference": runs["torchattacks"]["time"],
-         "ref_name": "torchattacks 3.5.1 PGD", "target": ">= 3x (issue 7)", "flops": total_flops,
+         "ref_name": "torchattacks 3.5.1 PGD", "target": ">= 3x", "flops": total_flops,
          "note": f"robust accuracy {runs['ours']['accuracy']:.1f}% (torchattacks {runs['torchattacks']['accuracy']:.1f}%)"},
         {"workload": what, "ours": t_ours, "reference": runs["torchattacks_kept"]["time"],
          "ref_name": "torchattacks 3.5.1 PGD, with advmnist's malloc setting", "target": "", "flops": total_flops,
          "note": "the part of the speed-up that is not the allocator"},
         {"workload": what, "ours": t_ours, "reference": runs["bare"]["time"],
-         "ref_name": "bare loop: 40 forward + input-gradient passes", "target": "within 10% (issue 3)",
+         "ref_name": "bare loop: 40 forward + input-gradient passes", "target": "within 10%",
          "flops": total_flops},
     ]
 
@@ -267,7 +267,7 @@ def bench_penalty(model_file: str, data, steps: int, ref_steps: int) -> list[dic
     x_t, target = penalty_digits(data)
     scaled = "" if ref_steps == steps else f"; reference timed for {ref_steps} steps a digit, scaled"
     return [{"workload": f"penalty attack, 10 digits x {steps} steps", "ours": ours["time"], "reference": t_ref,
-             "ref_name": "the same update, one digit at a time", "target": "<= 15 s, >= 20x (issue 7); >= 10x (issue 3)",
+             "ref_name": "the same update, one digit at a time", "target": "<= 15 s, >= 20x; >= 10x",
              "flops": attack_flops(load_model(model_file), x_t, target) * 10 * steps,
              "note": f"{ours['reached']}/10 digits reach their target{scaled}"}]
 
