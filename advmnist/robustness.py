@@ -36,32 +36,14 @@ def worst_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                restarts: int = 5, alpha: float | None = None, targeted: bool = True, seed: int = 0,
                log: Callable[[str], None] = lambda s: None) -> dict:
     """Robust accuracy (%) under FGSM, PGD-`steps` with `restarts`, and targeted PGD to every other
-    class, worst case per example. Each attack runs only on the examples still robust."""
-    alpha = alpha if alpha is not None else default_alpha(eps, steps)
-    start = time.perf_counter()
-    with eval_mode(model):
-        robust = _correct(model, x, y)
-        clean = 100.0 * robust.float().mean().item()
-        stages = [("FGSM", lambda xb, yb: fgsm(model, xb, yb, eps=eps))]
-        for r in range(restarts):  # one stage a restart: a restart only runs where the earlier ones failed
-            stages.append((f"PGD-{steps}, restart {r + 1}/{restarts}", lambda xb, yb, r=r: pgd(
-                model, xb, yb, eps=eps, alpha=alpha, steps=steps,
-                generator=torch.Generator().manual_seed(seed + 100 * r))))
-        if targeted:
-            for k in range(1, 10):
-                stages.append((f"targeted PGD-{steps}, target = label + {k}", lambda xb, yb, k=k: pgd(
-                    model, xb, (yb + k) % 10, eps=eps, alpha=alpha, steps=steps, targeted=True,
-                    generator=torch.Generator().manual_seed(seed + k))))
-        per_attack = []
-        for name, attack in stages:
-            idx = robust.nonzero().flatten()
-            if len(idx):
-                adv = _batched(attack, x[idx], y[idx])
-                robust[idx] = _correct(model, adv, y[idx])
-            per_attack.append({"attack": name, "robust_accuracy_after": 100.0 * robust.float().mean().item()})
-            log(f"{name}: {per_attack[-1]['robust_accuracy_after']:.2f}%")
-    return {"eps": eps, "n": len(y), "clean_accuracy": clean, "robust_accuracy": 100.0 * robust.float().mean().item(),
-            "per_attack": per_attack, "seconds": round(time.perf_counter() - start, 1)}
+    class, worst case per example: `run_ensemble` over the "pgd" ensemble."""
+    stages = tuple(s for s in _pgd_stages(steps, restarts) if targeted or not s.params.get("targeted"))
+    if alpha is not None:
+        stages = tuple(dataclasses.replace(s, params={**s.params, "alpha": alpha}) if s.attack == "pgd" else s
+                       for s in stages)
+    result = run_ensemble(model, x, y, eps=eps, stages=stages, seed=seed, log=log)
+    result.pop("robust_mask")
+    return result
 
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int = 1,
@@ -177,13 +159,14 @@ def _run_stage(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor,
     params = dict(stage.params)
     gen = torch.Generator().manual_seed(seed + params.pop("seed_offset", 0))
     shift = params.pop("target_shift", 0)
-    fn = get_attack(stage.attack).fn
+    spec = get_attack(stage.attack)
+    accepted = spec.defaults()
     kw = {"eps": eps, **params}
-    if stage.attack in ("pgd", "apgd", "apgd-t", "square"):
+    if "norm" in accepted:
         kw["norm"] = norm
+    if "generator" in accepted:
         kw["generator"] = gen
-    if stage.attack == "pgd":
-        kw.setdefault("alpha", default_alpha(eps, kw["steps"]))
+    fn = spec.fn
     goal = (y + shift) % 10 if shift else y
     adv = _batched(lambda xb, yb: fn(model, xb, yb, **kw), x, goal, batch_size)
     return _correct(model, adv, y)

@@ -77,15 +77,10 @@ def worker(job: str, **kw) -> dict:
 
 
 def render(rows: list[dict], argv: list[str], seconds: float) -> str:
-    import platform
-
     import torch
+    from bench import cpu_name, git_commit  # this folder's bench.py: the same machine line
 
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    cpu, commit = cpu_name(), git_commit()
     lines = [BEGIN, "## The robust evaluation against torchattacks' AutoAttack (agreement and speed)", "",
              f"Machine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; torchattacks "
              f"{rows[0]['ta']['torchattacks']}; commit `{commit}`. Command: `python benchmarks/autoattack.py "

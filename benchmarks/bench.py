@@ -310,12 +310,19 @@ def run_worker(spec: str) -> None:
     print(json.dumps(fn(data, **kw)))
 
 
-def render(rows: list[dict], argv: list[str], started: float) -> str:
-    cpu = platform.processor()
+def cpu_name() -> str:
     if Path("/proc/cpuinfo").exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        return next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), platform.processor())
+    return platform.processor()
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+def render(rows: list[dict], argv: list[str], started: float) -> str:
+    cpu, commit = cpu_name(), git_commit()
     lines = ["# advmnist benchmarks", "",
              f"Machine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit `{commit}`.",
              f"Command: `python benchmarks/bench.py {' '.join(argv)}` ({time.perf_counter() - started:.0f} s in all).",

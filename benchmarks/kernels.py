@@ -1,4 +1,4 @@
-"""Kernel alternatives for improved-bn's first layer, timed side by side (issue 7's profile).
+"""Kernel alternatives for improved-bn's first layer, timed side by side (the profile in benchmarks/results.md).
 
 conv 1 -> 20, 5x5 on 28x28 (oneDNN against an as_strided im2col + matmul), its input gradient
 (convolution_backward against matmul + 25 shifted adds), and 2x2 max-pool on NCHW against

@@ -15,15 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import (AttackError, check_inputs, check_non_negative, frozen, gradient_fn, l2_norm, rand_like,
-                   randn_like, register_attack)
-from .losses import LOSSES, ce_loss, targeted_dlr_loss
+from .core import (AttackError, check_inputs, check_non_negative, check_norm, frozen, gradient_fn, l2_norm,
+                   rand_like, randn_like, register_attack)
+from .losses import LOSSES, targeted_dlr_loss
 
 
 def _check(eps: float, steps: int, norm: str, restarts: int) -> None:
     check_non_negative(eps=eps, steps=steps)
-    if norm not in ("linf", "l2"):
-        raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    check_norm(norm)
     if restarts < 1:
         raise AttackError(f"restarts must be >= 1, got {restarts}")
 
@@ -43,8 +42,8 @@ def _project_l2(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, *, eps: float, steps: int,
-         norm: str, rho: float, generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One APGD run on every example of x; returns (x_adv, fooled, best loss).
+         norm: str, rho: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One APGD run on every example of x; returns (x_adv, fooled).
 
     Examples drop out of the working set at a checkpoint once they are misclassified: their result
     is fixed, and a robust-accuracy evaluation gains nothing from pushing them further.
@@ -52,9 +51,8 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
     n = len(x)
     out = x.clone()
     fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-    best_loss = torch.full((n,), -float("inf"), device=x.device)
     if n == 0 or steps == 0 or eps == 0:
-        return out, fooled, best_loss
+        return out, fooled
     idx = torch.arange(n, device=x.device)
     x0, y0, lab = x, y, label
     if norm == "linf":
@@ -105,10 +103,9 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
         if done.any():  # shrink the working set to the examples still classified correctly
             out[idx[done]] = x_fool[done]
             fooled[idx[done]] = True
-            best_loss[idx[done]] = loss_best[done]
             keep = ok
             if not keep.any():
-                return out, fooled, best_loss
+                return out, fooled
             idx, x0, y0, lab = idx[keep], x0[keep], y0[keep], lab[keep]
             adv, adv_old, grad, x_best, grad_best = adv[keep], adv_old[keep], grad[keep], x_best[keep], grad_best[keep]
             loss_best, best_at_check, reduced, step = loss_best[keep], best_at_check[keep], reduced[keep], step[keep]
@@ -117,22 +114,22 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
                 lo, hi = lo[keep], hi[keep]
     out[idx] = torch.where(ok.view(-1, 1, 1, 1), x_best, x_fool)
     fooled[idx] = ~ok
-    best_loss[idx] = loss_best
-    return out, fooled, best_loss
+    return out, fooled
 
 
-def _restarts(run_once, x: torch.Tensor, restarts: int) -> torch.Tensor:
-    """Run `run_once(sel)` up to `restarts` times, each on the examples no earlier run fooled."""
+def _restarts(run_once, x: torch.Tensor, restarts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `run_once(sel)` up to `restarts` times, each on the examples no earlier run fooled;
+    returns (x_adv, fooled)."""
     result = x.clone()
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for _ in range(restarts):
         sel = (~fooled).nonzero().flatten()
         if not len(sel):
             break
-        adv, hit, _ = run_once(sel)
+        adv, hit = run_once(sel)
         result[sel] = adv
         fooled[sel] = hit
-    return result
+    return result, fooled
 
 
 @register_attack()
@@ -153,7 +150,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3
     with frozen(model):
         grad_fn = gradient_fn(model, x[:1], fast, loss=None if loss == "ce" else loss_fn)
         return _restarts(lambda sel: _run(grad_fn, loss_fn, x[sel], y[sel], y[sel], eps=eps, steps=steps, norm=norm,
-                                          rho=rho, generator=generator), x, restarts).detach()
+                                          rho=rho, generator=generator), x, restarts)[0].detach()
 
 
 @register_attack(name="apgd-t")
@@ -181,14 +178,13 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
             sel = (~fooled).nonzero().flatten()
             if not len(sel):
                 break
-            pair = torch.stack([y[sel], ranked[sel, k]], 1)
-            adv = _restarts(lambda s: _run(grad_fn, targeted_dlr_loss, x[sel][s], pair[s], y[sel][s], eps=eps,
-                                           steps=steps, norm=norm, rho=rho, generator=generator), x[sel], restarts)
-            with torch.no_grad():
-                hit = model(adv).argmax(1) != y[sel]
+            xs, ys = x[sel], y[sel]
+            pair = torch.stack([ys, ranked[sel, k]], 1)
+            adv, hit = _restarts(lambda s: _run(grad_fn, targeted_dlr_loss, xs[s], pair[s], ys[s], eps=eps,
+                                                steps=steps, norm=norm, rho=rho, generator=generator), xs, restarts)
             result[sel] = torch.where(hit.view(-1, 1, 1, 1), adv, result[sel])
             fooled[sel] = hit
         return result.detach()
 
 
-__all__ = ["apgd", "apgd_t", "ce_loss"]
+__all__ = ["apgd", "apgd_t"]

@@ -178,6 +178,11 @@ def check_inputs(x: torch.Tensor, y: torch.Tensor) -> None:
         raise AttackError("images must be pixels in [0, 1]; normalisation belongs inside the model")
 
 
+def check_norm(norm: str) -> None:
+    if norm not in ("linf", "l2"):
+        raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
+
+
 def check_positive(**values: float) -> None:
     for name, value in values.items():
         if value is None or not value > 0:

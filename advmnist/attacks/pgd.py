@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import (AttackError, check_inputs, check_non_negative, check_positive, default_alpha, frozen, gradient_fn,
-                   l2_norm, per_example_loss, project_l2, project_linf, rand_like, randn_like,
+from .core import (AttackError, check_inputs, check_non_negative, check_norm, check_positive, default_alpha,
+                   frozen, gradient_fn, l2_norm, per_example_loss, project_l2, project_linf, rand_like, randn_like,
                    register_attack)
 
 
@@ -35,8 +35,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
     """
     check_inputs(x, y)
     check_non_negative(eps=eps, steps=steps)
-    if norm not in ("linf", "l2"):
-        raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    check_norm(norm)
     if restarts < 1:
         raise AttackError(f"restarts must be >= 1, got {restarts}")
     if alpha is None:

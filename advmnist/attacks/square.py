@@ -13,7 +13,8 @@ import math
 import torch
 from torch import nn
 
-from .core import AttackError, check_inputs, check_non_negative, frozen, l2_norm, logits_fn, rand_like, register_attack
+from .core import (AttackError, check_inputs, check_non_negative, check_norm, frozen, l2_norm, logits_fn, rand_like,
+                   register_attack)
 from .losses import margin
 
 
@@ -64,8 +65,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
     """
     check_inputs(x, y)
     check_non_negative(eps=eps, queries=queries)
-    if norm not in ("linf", "l2"):
-        raise AttackError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    check_norm(norm)
     if not 0 < p_init <= 1:
         raise AttackError(f"p_init must be in (0, 1], got {p_init}")
     if len(x) == 0 or eps == 0:
