@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import pictures, runs
+from . import pictures, runs, validate
 from .attacks import AttackError, get_attack
+from .errors import InvalidValue
 from .data import MNIST
 from .measures import attack_measures, eval_mode, evaluate
 from .devices import pick_device
@@ -24,24 +25,19 @@ ATTACKS_DIR = "attacks"
 
 
 def parse_target_map(spec: str) -> Callable[[int], list[int]]:
-    """'next' (d -> d+1), 'prev' (d -> d-1), 'all' (every other digit) or pairs '0:3,1:7'."""
-    spec = spec.strip().lower()
-    if spec == "next":
-        return lambda s: [(s + 1) % 10]
-    if spec == "prev":
-        return lambda s: [(s - 1) % 10]
-    if spec == "all":
-        return lambda s: [t for t in range(10) if t != s]
-    pairs: dict[int, list[int]] = {}
+    """'next' (d -> d+1), 'prev' (d -> d-1), 'all' (every other digit) or pairs '0:3,1:7' (checked by
+    `advmnist.validate.parse_target_map`: digits 0-9, no digit sent to itself)."""
     try:
-        for item in spec.split(","):
-            s, t = (int(v) for v in item.split(":"))
-            if not (0 <= s <= 9 and 0 <= t <= 9):
-                raise ValueError
-            pairs.setdefault(s, []).append(t)
-    except ValueError:
-        raise AttackError(f"target map {spec!r}: use next, prev, all or pairs like 0:3,1:7") from None
-    return lambda s: pairs.get(s, [])
+        parsed = validate.parse_target_map(spec)
+    except InvalidValue as exc:
+        raise AttackError(str(exc)) from None
+    if parsed == "next":
+        return lambda s: [(s + 1) % 10]
+    if parsed == "prev":
+        return lambda s: [(s - 1) % 10]
+    if parsed == "all":
+        return lambda s: [t for t in range(10) if t != s]
+    return lambda s: parsed.get(s, [])
 
 
 def select_examples(data: MNIST, *, per_digit: int | None = None, limit: int | None = None) -> torch.Tensor:
@@ -124,11 +120,16 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
     for key in params:
         if key not in accepted or key in ("generator", "callback", "targeted"):
             raise AttackError(f"attack {method!r} takes no option {key!r}")
+    if eps_list is not None and not eps_list:
+        raise AttackError("an empty eps list: give one or more values")
     if eps_list and "eps" not in accepted:
         raise AttackError(f"attack {method!r} takes no --eps")
-    for eps in eps_list or []:
-        if eps < 0:
-            raise AttackError(f"eps must be >= 0, got {eps}")
+    try:  # finite and in range: an eps of NaN would "fool" every image, 0 steps would do nothing
+        validate.check_fields(params, validate.ATTACK_PARAMS)
+        for eps in eps_list or []:
+            validate.NONNEG.check(eps, "eps")
+    except InvalidValue as exc:
+        raise AttackError(str(exc)) from None
     if targeted and not spec.always_targeted and "targeted" not in accepted:
         raise AttackError(f"attack {method!r} is untargeted: drop --targeted")
     targeted = targeted or spec.always_targeted
@@ -139,6 +140,8 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
 
     start = time.perf_counter()
     dev = pick_device(device)
+    root = Path(out) / ATTACKS_DIR
+    runs.check_output_dir(root)  # before the attack, not after it
     model, ckpt = runs.load_checkpoint(run_dir, map_location=dev)
     data = data.to(dev)
     clean = evaluate(model, data.test_x, data.test_y)["accuracy"]
@@ -152,9 +155,9 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
     sweep = [{"eps": e} for e in eps_list] if eps_list else [{}]
     steps_total = int(params.get("steps", accepted.get("steps", 0)) or 0) * int(params.get("restarts", 1))
     name = runs.new_run_name(ckpt["model"], seed, tag=f"-{method}")
-    root = Path(out) / ATTACKS_DIR
     results = []
     with runs.run_directory(root, name) as folder, eval_mode(model):
+        name = runs.final_path(folder).name  # with a suffix if another run took the name
         for point in sweep:
             kwargs = {**params, **point}
             if "targeted" in accepted:
@@ -224,12 +227,14 @@ def write_index(root: str | Path) -> Path:
     for rec_path in root.glob("*/record.json"):
         if rec_path.parent.name.startswith("."):
             continue
-        try:
-            rec = runs.read_json(rec_path)
-        except (OSError, ValueError):
+        rec = runs.read_record(rec_path, kind="attack")  # unreadable ones are skipped with a warning
+        if rec is None:
             continue
-        if rec.get("kind") == "attack":
-            records.append((rec["provenance"]["time"], rec_path.parent.name, rec))
+        stamp = rec.get("provenance", {}).get("time") if isinstance(rec.get("provenance"), dict) else None
+        if not isinstance(stamp, str):
+            runs.skip_file(rec_path, "attack record without provenance.time")
+            continue
+        records.append((stamp, rec_path.parent.name, rec))
     records.sort(key=lambda r: (r[0], r[1]), reverse=True)
     pictures.attack_index([(name, rec) for _, name, rec in records], root / "index.html")
     return root / "index.html"

@@ -1,35 +1,72 @@
 """The `advmnist` command: a thin layer that parses options, calls one library function, prints.
 
-Importing this module imports click and two small modules, never torch, numpy or matplotlib: each
+Importing this module imports click and a few small torch-free modules (names, errors, the option
+types of `cli_types.py` and the checks of `validate.py`), never torch, numpy or matplotlib: each
 command imports what it needs in its body, so `--help`, `--version` and shell completion are quick.
 The option choices come from `names.py`, static copies of the registries that a test keeps in step.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 import click
 from click.shell_completion import CompletionItem
 
-from .errors import AdvmnistError
+from . import cli_types as T
+from .errors import AdvmnistError, SkippedFileWarning
 from .names import ADVERSARIAL_METHODS, ATTACKS, ENSEMBLES, MODELS, SCHEDULES
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM is handled like Ctrl-C: partial files are removed on the way out."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean-up short
+    raise KeyboardInterrupt
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    if issubclass(category, SkippedFileWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 class _Group(click.Group):
-    """Turns library errors into one line on stderr and exit code 2, Ctrl-C into exit 130."""
+    """Turns library errors, bad option values and file-system errors into one line on stderr and exit
+    code 2, Ctrl-C and SIGTERM into exit 130, and files left out by discovery into warning lines."""
 
     def invoke(self, ctx: click.Context):
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminated)
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", SkippedFileWarning)
+                warnings.showwarning = _show_warning
+                # a copy of the context: settings a command makes (--trust-checkpoint) end with it
+                return contextvars.copy_context().run(super().invoke, ctx)
         except AdvmnistError as exc:  # AttackError and every other bad-input error derive from it
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except click.BadParameter as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted; no partial files were kept", err=True)
             sys.exit(130)
+        except OSError as exc:  # the library reports what it writes; this is the last resort
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(2)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,6 +79,18 @@ data_dir_option = click.option("--data-dir", type=click.Path(), default=None, en
                                help="MNIST IDX files (default: the copy shipped with advmnist).")
 out_option = click.option("--out", type=click.Path(), default="runs", show_default=True,
                           help="Directory of run directories.")
+
+
+def _trust(ctx: click.Context, param, value: bool) -> None:
+    if value:
+        from .runs import trusting_checkpoints
+
+        ctx.with_resource(trusting_checkpoints())
+
+
+trust_option = click.option("--trust-checkpoint", is_flag=True, expose_value=False, callback=_trust,
+                            help="Load the run's model.pt even when its SHA-256 is not the one its "
+                                 "record.json holds (a replaced or damaged checkpoint).")
 
 
 # Shell completion (see the README): these read only the name lists and the file system. Choice options
@@ -99,7 +148,7 @@ def _load_data(data_dir: str | None, device=None, limit_train: int | None = None
                limit_test: int | None = None):
     from .data import load_mnist
 
-    data = load_mnist(data_dir)
+    data = load_mnist(data_dir, download=False)  # offline: missing files are an error naming them
     if limit_train or limit_test:
         data = data.subset(limit_train or None, limit_test or None)
     return data.to(device) if device is not None else data
@@ -121,45 +170,57 @@ def models_cmd() -> None:
 @main.command("train")
 @click.option("--model", "model_name", default="improved-bn", show_default=True, help="Zoo model name.",
               shell_complete=_complete_model)
-@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
-@click.option("--lr", type=float, default=None, help="Override the learning rate.")
-@click.option("--momentum", type=float, default=None, help="Override SGD momentum.")
-@click.option("--dropout", type=float, default=None, help="Override the dropout probability.")
-@click.option("--batch-size", type=int, default=None, help="Override the batch size.")
+@click.option("--epochs", type=T.POSITIVE_INT, default=None, help="Override the recipe's epochs.")
+@click.option("--lr", type=T.LEARNING_RATE, default=None, help="Override the learning rate.")
+@click.option("--momentum", type=T.MOMENTUM, default=None, help="Override SGD momentum.")
+@click.option("--dropout", type=T.DROPOUT, default=None, help="Override the dropout probability.")
+@click.option("--batch-size", type=T.POSITIVE_INT, default=None, help="Override the batch size.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None, help="Override the optimizer.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Override the learning-rate schedule (onecycle: 0 -> lr -> 0).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=T.SEED_INT, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
-@click.option("--limit", type=int, default=None, help="Train on the first N images only (quick runs).")
+@click.option("--limit", type=T.LIMIT, default=None, help="Train on the first N images only (quick runs).")
 @click.option("--adv", type=click.Choice(ADVERSARIAL_METHODS), default=None,
               help="Adversarial training: PGD (Madry), FGSM with random start, plain FGSM, or TRADES.")
-@click.option("--eps", type=float, default=0.3, show_default=True, help="With --adv: Linf bound.")
-@click.option("--adv-steps", type=int, default=40, show_default=True, help="With --adv pgd/trades: inner steps.")
-@click.option("--adv-alpha", type=float, default=None, help="With --adv: inner step size.")
-@click.option("--beta", type=float, default=6.0, show_default=True, help="With --adv trades: KL weight.")
-@click.option("--eps-ramp", type=float, default=0.0, show_default=True,
+@click.option("--eps", type=T.EPS, default=0.3, show_default=True, help="With --adv: Linf bound.")
+@click.option("--adv-steps", type=T.POSITIVE_INT, default=40, show_default=True,
+              help="With --adv pgd/trades: inner steps.")
+@click.option("--adv-alpha", type=T.STEP_SIZE, default=None, help="With --adv: inner step size.")
+@click.option("--beta", type=T.WEIGHT, default=6.0, show_default=True, help="With --adv trades: KL weight.")
+@click.option("--monitor-eps", type=T.EPS, default=None,
+              help="With --adv: eps of the per-epoch robustness monitor that picks the kept epoch (default: --eps).")
+@click.option("--kappa", type=T.WEIGHT, default=0.5, show_default=True,
+              help="With --adv ibp: final weight of the clean loss (from 1 as eps ramps up).")
+@click.option("--eps-ramp", type=T.EPOCHS, default=0.0, show_default=True,
               help="With --adv: epochs over which eps rises from 0.")
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, seed, device, limit, adv, eps,
-              adv_steps, adv_alpha, beta, eps_ramp, out, data_dir, quiet) -> None:
+              adv_steps, adv_alpha, beta, monitor_eps, kappa, eps_ramp, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
+    from .devices import pick_device
+    from .runs import check_output_dir
     from .train import Adversarial, resolve_recipe, train_run
 
     adversarial = None
     if adv is not None:
-        adversarial = Adversarial(adv, eps=eps, steps=adv_steps, alpha=adv_alpha, beta=beta, ramp_epochs=eps_ramp)
+        adversarial = Adversarial(adv, eps=eps, steps=adv_steps, alpha=adv_alpha, beta=beta, kappa=kappa,
+                                  ramp_epochs=eps_ramp, monitor_eps=monitor_eps)
         adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,
                             batch_size=batch_size, optimizer=optimizer, schedule=schedule)
+    pick_device(device)  # before the data is loaded
     data = _load_data(data_dir, limit_train=limit)
+    check_output_dir(out)  # now, not after the training
     click.echo(f"training {model_name} on {len(data.train_x)} images: {recipe} seed={seed}")
 
     def on_epoch(s: dict) -> None:
         robust = f"  PGD acc {s['robust_accuracy']:6.2f}%" if "robust_accuracy" in s else ""
+        if "certified_accuracy" in s:
+            robust += f"  IBP-certified {s['certified_accuracy']:6.2f}%"
         click.echo(f"epoch {s['epoch']:>2}  train loss {s['train_loss']:.4f} acc {s['train_accuracy']:6.2f}%"
                    f"  test loss {s['test_loss']:.4f} acc {s['test_accuracy']:6.2f}%{robust}  {s['seconds']:6.1f} s")
         for w in s.get("warnings", []):
@@ -205,7 +266,7 @@ def _names(ctx, param, value):
 @click.option("--image", type=int, default=0, show_default=True, help="Test image for the feature maps.")
 @click.option("--robust", is_flag=True,
               help="Also robust accuracy under an attack ensemble (worst case per example) and masking checks.")
-@click.option("--eps", type=float, default=0.3, show_default=True, help="With --robust: perturbation bound.")
+@click.option("--eps", type=T.EPS, default=0.3, show_default=True, help="With --robust: perturbation bound.")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True,
               help="With --robust: threat model.")
 @click.option("--ensemble", type=click.Choice(ENSEMBLES), default="standard", show_default=True,
@@ -213,18 +274,21 @@ def _names(ctx, param, value):
                    "queries; pgd = FGSM, PGD restarts, targeted PGD.")
 @click.option("--attacks", callback=_names, default=None,
               help="With --robust: only these attacks of the ensemble, e.g. apgd-ce,square.")
-@click.option("--steps", type=int, default=None, help="With --robust: steps of the gradient attacks.")
-@click.option("--restarts", type=int, default=None, help="With --robust: restarts of the gradient attacks.")
-@click.option("--queries", type=int, default=None, help="With --robust: Square's query budget.")
+@click.option("--steps", type=T.POSITIVE_INT, default=None, help="With --robust: steps of the gradient attacks.")
+@click.option("--restarts", type=T.POSITIVE_INT, default=None, help="With --robust: restarts of the gradient attacks.")
+@click.option("--queries", type=T.POSITIVE_INT, default=None, help="With --robust: Square's query budget.")
 @click.option("--alone", is_flag=True, help="With --robust: also each attack on its own (slower).")
-@click.option("--limit", type=int, default=1000, show_default=True,
+@click.option("--limit", type=T.LIMIT, default=1000, show_default=True,
               help="With --robust: the first N test images (0: all 10,000).")
-@click.option("--check-n", type=int, default=1000, show_default=True,
+@click.option("--check-n", type=T.POSITIVE_INT, default=1000, show_default=True,
               help="With --robust: images for the masking checks.")
+@click.option("--certify/--no-certify", default=True, show_default=True,
+              help="With --robust: also certified accuracy (IBP/CROWN lower bound), so the true value is an interval.")
+@trust_option
 @out_option
 @data_dir_option
 def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, steps, restarts, queries, alone, limit,
-                 check_n, out, data_dir) -> None:
+                 check_n, certify, out, data_dir) -> None:
     """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run."""
     from .evaluation import evaluate_run, robust_evaluate_run
 
@@ -233,11 +297,13 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
     if robust:
         rr = robust_evaluate_run(run_dir, data, eps=eps, norm=norm, ensemble=ensemble, attacks=attacks, steps=steps,
                                  restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
+                                 certify=certify,
                                  log=lambda line: click.echo(f"  {line}", err=True))
         click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at {norm} eps {eps:g} "
                    f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over the {ensemble} ensemble, "
                    f"{rr['wall_time_s']:.0f} s)")
         click.echo(robust_table(rr))
+        click.echo(interval_line(rr))
         for c in rr["checks"]:
             click.echo(f"  [{'ok' if c['passed'] else 'FLAGGED'}] {c['check']}: {c['detail']}")
         for w in rr["warnings"]:
@@ -247,6 +313,17 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
     click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
     click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "
                f"feature_maps.png{', robust.json' if robust else ''})")
+
+
+def interval_line(rr: dict) -> str:
+    """certified <= true robust accuracy <= attacked, or why there is no certified side."""
+    cert = rr.get("certified")
+    if not cert:
+        return "  certified: not computed (--no-certify)"
+    if "skipped" in cert:
+        return f"  certified: none ({cert['skipped']})"
+    return (f"  interval: {cert['certified_accuracy']:.2f}% certified ({cert['method']}, {cert['seconds']:.1f} s) "
+            f"<= true robust accuracy <= {rr['robust_accuracy']:.2f}% attacked")
 
 
 def robust_table(rr: dict) -> str:
@@ -263,12 +340,15 @@ def robust_table(rr: dict) -> str:
 
 
 def _floats(ctx, param, value):
+    """An eps list: one or more finite numbers >= 0 separated by commas (advmnist.validate)."""
     if value is None:
         return None
+    from .validate import parse_eps_list
+
     try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
+        return parse_eps_list(value)
+    except AdvmnistError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command("attack")
@@ -278,31 +358,35 @@ def _floats(ctx, param, value):
               shell_complete=_complete_run)
 @click.option("--model", "model_name", default=None, help="Attack the latest run of this model.",
               shell_complete=_complete_model)
-@click.option("--eta", type=float, default=None, help="penalty: step size (default 0.1).")
-@click.option("--lam", type=float, default=None, help="penalty: weight of the pull towards x_target (default 0.05).")
-@click.option("--steps", type=int, default=None, help="penalty/gd/pgd/apgd/apgd-t: number of steps.")
+@click.option("--eta", type=T.Number(T.POSITIVE, "eta"), default=None, help="penalty: step size (default 0.1).")
+@click.option("--lam", type=T.Number(T.NONNEG, "lam"), default=None,
+              help="penalty: weight of the pull towards x_target (default 0.05).")
+@click.option("--steps", type=T.POSITIVE_INT, default=None, help="penalty/gd/pgd/apgd/apgd-t: number of steps.")
 @click.option("--init", type=click.Choice(["noise", "image"]), default=None, help="penalty: start point.")
 @click.option("--clamp/--no-clamp", default=None, help="penalty: keep iterates in [0, 1] (default on).")
-@click.option("--lr", type=float, default=None, help="gd: step size (default 0.1).")
+@click.option("--lr", type=T.Number(T.POSITIVE, "lr"), default=None, help="gd: step size (default 0.1).")
 @click.option("--eps", callback=_floats, default=None,
               help="fgsm/pgd/apgd/apgd-t/square: perturbation bound; a comma list sweeps (default 0.3).")
-@click.option("--alpha", type=float, default=None, help="pgd: step size (default: see `pgd`'s docstring).")
+@click.option("--alpha", type=T.Number(T.POSITIVE, "alpha"), default=None,
+              help="pgd: step size (default: see `pgd`'s docstring).")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="pgd/apgd/apgd-t/square: threat model.")
-@click.option("--restarts", type=int, default=None,
+@click.option("--restarts", type=T.POSITIVE_INT, default=None,
               help="pgd/apgd/apgd-t: random restarts, worst case kept per example.")
 @click.option("--loss", type=click.Choice(["ce", "dlr"]), default=None, help="apgd: loss to maximise (default ce).")
-@click.option("--targets", type=int, default=None, help="apgd-t: how many top other classes to target (default 9).")
-@click.option("--queries", type=int, default=None, help="square: query budget (default 5000).")
+@click.option("--targets", type=T.Number(T.Range(lo=1, hi=9, integer=True)), default=None,
+              help="apgd-t: how many top other classes to target (default 9).")
+@click.option("--queries", type=T.POSITIVE_INT, default=None, help="square: query budget (default 5000).")
 @click.option("--random-start/--no-random-start", default=None, help="pgd: start inside the ball (default on).")
 @click.option("--targeted", is_flag=True, help="fgsm/pgd: aim at targets from --target-map.")
-@click.option("--target-map", default="next", show_default=True,
+@click.option("--target-map", type=T.TargetMap(), default="next", show_default=True,
               help="next, prev, all, or pairs like 0:3,1:7.")
-@click.option("--per-digit", type=int, default=None,
+@click.option("--per-digit", type=T.POSITIVE_INT, default=None,
               help="Attack the first N test images of each digit (penalty/gd default 1).")
-@click.option("--limit", type=int, default=None,
-              help="untargeted attacks: attack the first N test images (default 1000).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=T.LIMIT, default=None,
+              help="untargeted attacks: attack the first N test images (default 1000; 0: all).")
+@click.option("--seed", type=T.SEED_INT, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@trust_option
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -321,6 +405,9 @@ def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, a
         params["eps"], eps = eps[0], None
         if params["eps"] < 0:
             raise AdvmnistError(f"eps must be >= 0, got {params['eps']}")
+    from .devices import pick_device
+
+    pick_device(device)  # before the data is loaded
     run_dir = _pick_run(run, model_name, out)
     path = run_attack(run_dir, _load_data(data_dir), method, params=params, eps_list=eps, out=out, seed=seed,
                       per_digit=per_digit, limit=limit, target_map=target_map, targeted=targeted,

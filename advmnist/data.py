@@ -77,8 +77,13 @@ def parse_idx(raw: bytes, name: str = "IDX data") -> torch.Tensor:
     return data.reshape(shape)
 
 
+def _places(directory: Path) -> tuple[Path, ...]:
+    """Where a copy may keep the files: flat, torchvision's MNIST/raw/ layout, or raw/."""
+    return directory, directory / "MNIST" / "raw", directory / "raw"
+
+
 def _find(directory: Path, stem: str) -> Path | None:
-    for sub in (directory, directory / "MNIST" / "raw", directory / "raw"):
+    for sub in _places(directory):
         for candidate in (sub / f"{stem}.gz", sub / stem):
             if candidate.is_file():
                 return candidate
@@ -135,7 +140,11 @@ def _download(directory: Path) -> None:
 
 def load_mnist(data_dir: str | os.PathLike | None = None, *, device: torch.device | str = "cpu",
                download: bool = True) -> MNIST:
-    """Load and verify all four files; images become float32 in [0, 1] on `device`."""
+    """Load and verify all four files; images become float32 in [0, 1] on `device`.
+
+    With `download=False` (what the CLI passes: advmnist works offline) missing files are an error
+    that lists them and the places looked in; with True, an empty directory is first filled by
+    torchvision's downloader."""
     directory = resolve_dir(data_dir)
     if not directory.is_dir():
         raise DataError(f"{directory}: data directory does not exist")
@@ -145,7 +154,10 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, device: torch.devic
         paths = {stem: _find(directory, stem) for stem in FILES}
     missing = [stem for stem, p in paths.items() if p is None]
     if missing:
-        raise DataError(f"{directory}: missing MNIST file {missing[0]}(.gz)")
+        places = ", ".join(str(p) for p in _places(directory))
+        raise DataError(f"{directory}: missing MNIST file{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                        f"(looked for each, raw or .gz, in {places}); copy the IDX files there, or leave "
+                        f"--data-dir and ${ENV_VAR} unset to use the copy shipped with advmnist")
     tensors = {stem: load_file(p, stem) for stem, p in paths.items()}
     checksum = hashlib.md5("".join(md5 for md5, _ in FILES.values()).encode()).hexdigest()
 

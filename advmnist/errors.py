@@ -16,3 +16,23 @@ class ModelError(AdvmnistError):
 class CheckpointError(AdvmnistError):
     """A missing checkpoint, or one that holds another architecture."""
 
+
+
+class InvalidValue(AdvmnistError):
+    """An option or setting that is not finite, out of its range, or of the wrong type."""
+
+
+class SpecError(InvalidValue):
+    """An experiment spec that does not match the schema in `advmnist/validate.py`."""
+
+
+class OutputError(AdvmnistError):
+    """The output place cannot be written: checked before the work starts, reported if a write fails."""
+
+
+class TrainingDiverged(AdvmnistError):
+    """Training produced a non-finite loss or weights; the last good weights are kept."""
+
+
+class SkippedFileWarning(UserWarning):
+    """A record or file that discovery could not read and left out (the CLI prints it as a warning)."""

@@ -80,12 +80,45 @@ def train_adversarial_accuracy(record: dict, eps: float, norm: str = "linf") -> 
     return history[kept - 1].get("train_accuracy")
 
 
+def certify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
+                     log=lambda s: None) -> tuple[dict, torch.Tensor | None]:
+    """Certified robust accuracy (%) by the best bound the model allows (`bounds.certified_margins`)
+    and the per-example certificate mask; a record saying why when the model cannot be bounded."""
+    from .bounds import BoundError, certified, certified_margins
+
+    if norm != "linf":
+        return {"skipped": "the bounds are for Linf balls"}, None
+    start = time.perf_counter()
+    try:
+        with eval_mode(model):
+            margins, method = certified_margins(model, x, y, eps)
+    except BoundError as exc:
+        return {"skipped": str(exc)}, None
+    mask = certified(margins)
+    acc = 100.0 * mask.float().mean().item()
+    log(f"certified ({method}): {acc:.2f}% of {len(y)} images")
+    return {"method": method, "certified_accuracy": acc, "certified_count": int(mask.sum()),
+            "seconds": round(time.perf_counter() - start, 2)}, mask
+
+
+def check_soundness(certified_mask: torch.Tensor, robust_mask: torch.Tensor, eps: float) -> None:
+    """Stop when an attack broke an example the bounds certified: one of the two is wrong."""
+    broken = (certified_mask & ~robust_mask).nonzero().flatten()
+    if len(broken):
+        raise AdvmnistError(f"soundness violation at eps {eps:g}: test images {broken[:10].tolist()} are certified "
+                            f"robust but an attack broke them; this is a bug in advmnist.bounds or in the attack")
+
+
 def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, ensemble: str = "standard",
                         attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
                         queries: int | None = None, norm: str = "linf", limit: int | None = 1000,
-                        check_n: int = 1000, alone: bool = False, seed: int = 0, log=lambda s: None) -> dict:
-    """Robust accuracy under an attack ensemble (worst case per example) and the masking checks for
-    a run; writes `run_dir/eval/robust.json`."""
+                        check_n: int = 1000, alone: bool = False, certify: bool = True, seed: int = 0,
+                        log=lambda s: None) -> dict:
+    """Robust accuracy as an interval for a run: certified (IBP/CROWN lower bound) <= true <= attacked
+    (worst case per example over an attack ensemble), plus the masking checks; writes
+    `run_dir/eval/robust.json`. An example certified robust yet broken by an attack is a bug in one
+    of the two and stops the evaluation. Certified images beyond the first `check_n` are not
+    attacked: the bound proves what any attack would find."""
     from .robustness import ensemble_stages, masking_checks, run_ensemble
 
     if not eps >= 0:
@@ -98,13 +131,22 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     model, ckpt = runs.load_checkpoint(run_dir)
     n = len(data.test_y) if not limit else min(limit, len(data.test_y))
     x, y = data.test_x[:n], data.test_y[:n]
-    result = run_ensemble(model, x, y, eps=eps, stages=stages, norm=norm, seed=seed, alone=alone, log=log)
+    certificate, cert_mask = certify_examples(model, x, y, eps, norm, log) if certify else (None, None)
+    m = min(check_n, n)
+    proven = None
+    if cert_mask is not None:  # certified images need no attack; the first check_n are attacked anyway, as a check
+        proven = cert_mask.clone()
+        proven[:m] = False
+        certificate["attacked_certified"] = int(cert_mask[:m].sum())
+    result = run_ensemble(model, x, y, eps=eps, stages=stages, norm=norm, seed=seed, alone=alone, proven=proven,
+                          log=log)
     robust = result.pop("robust_mask")
+    if cert_mask is not None:
+        check_soundness(cert_mask, robust, eps)
     train_acc = None
     record_path = run_dir / runs.RECORD
     if record_path.is_file():
         train_acc = train_adversarial_accuracy(runs.read_json(record_path), eps, norm)
-    m = min(check_n, n)
     log(f"masking checks on the first {m} images")
     checks = masking_checks(model, x[:m], y[:m], result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
                             train_adv_accuracy=train_acc)
@@ -114,7 +156,10 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
               "settings": {"eps": eps, "norm": norm, "ensemble": ensemble, "attacks": [s.key for s in stages],
                            "steps": steps, "restarts": restarts, "queries": queries, "alone": alone, "n": n,
                            "check_n": m},
-              **result, "checks": checks, "masking": {"flagged": bool(failed), "failed": failed},
+              **result, "certified": certificate,
+              "interval": [certificate["certified_accuracy"] if certificate and "certified_accuracy" in certificate
+                           else None, result["robust_accuracy"]],
+              "checks": checks, "masking": {"flagged": bool(failed), "failed": failed},
               "warnings": [f"possible gradient masking: {c['check']} failed ({c['detail']})" for c in checks
                            if not c["passed"]],
               "wall_time_s": round(time.perf_counter() - start, 1), "provenance": runs.provenance()}

@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from . import pictures, runs
+from . import pictures, runs, validate
 from .attacks import get_attack
 from .attacks.core import default_alpha
 from .data import MNIST, load_mnist
-from .errors import AdvmnistError
+from .errors import AdvmnistError, SpecError
 from .measures import attack_measures, eval_mode, predict_logits
 from .models import Recipe, get_spec
 from .train import Adversarial, resolve_recipe, train_run
@@ -99,14 +99,30 @@ def _only(table: dict, cls, where: str) -> dict:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Parse and check a TOML spec; every model, override and attack is validated before any work."""
+    """Parse and check a TOML spec; every model, override and attack is validated before any work.
+
+    The tables are checked against `advmnist.validate.SPEC_SCHEMA` first, so a wrong type, a missing
+    title, an unknown key or a non-finite number is a SpecError naming the file, the key and what was
+    expected, never a traceback."""
     path = Path(path)
+    if path.is_dir():
+        raise SpecError(f"{path}: a directory, not an experiment spec (give a .toml file)")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdvmnistError(f"{path}: no such experiment spec") from None
     except tomllib.TOMLDecodeError as exc:
         raise AdvmnistError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot be read as a UTF-8 text file ({exc.__class__.__name__})") from None
+
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    validate.check_spec(raw, str(path), {
+        "spec": [n for n in keys(Spec) if n not in ("variants", "attacks")] + ["variant", "attack"],
+        "variant": keys(Variant), "attack": keys(AttackEval), "transfer": keys(Transfer), "robust": keys(Robust),
+    }, recipe=keys(Recipe), adversarial=keys(Adversarial))
     raw.setdefault("name", path.stem)
     variants = tuple(Variant(**_only(v, Variant, f"{path} [[variant]]")) for v in raw.pop("variant", []))
     attacks = tuple(AttackEval(**_only(a, AttackEval, f"{path} [[attack]]")) for a in raw.pop("attack", []))
@@ -130,11 +146,19 @@ def load_spec(path: str | Path) -> Spec:
     if not spec.variants:
         raise AdvmnistError(f"{path}: no [[variant]]")
     for v in spec.variants:
-        resolve_recipe(v.model, **v.overrides)
-        if v.adversarial:
-            _adversarial(v, path).check()
+        try:
+            resolve_recipe(v.model, **v.overrides)
+            if v.adversarial:
+                _adversarial(v, path).check()
+        except SpecError:
+            raise
+        except AdvmnistError as exc:
+            raise SpecError(f"{path} [[variant]] {v.label!r}: {exc}") from None
     for a in spec.attacks:
-        accepted = get_attack(a.method).defaults()
+        try:
+            accepted = get_attack(a.method).defaults()
+        except AdvmnistError as exc:
+            raise SpecError(f"{path} [[attack]]: {exc}") from None
         for key in a.params:
             if key not in accepted:
                 raise AdvmnistError(f"{path}: attack {a.method!r} takes no parameter {key!r}")
@@ -161,7 +185,7 @@ def find_run(out: str | Path, model: str, recipe: dict, seed: int, n_train: int,
              adversarial: dict | None = None) -> Path | None:
     """The newest finished run with exactly this model, recipe, adversarial training, seed,
     training slice and data."""
-    for run in reversed(runs.find_runs(out, model)):
+    for run in reversed(runs.find_runs(out, model)):  # only runs whose records hold runs.TRAIN_RECORD
         rec = runs.read_json(run / runs.RECORD)
         if ({**_RECIPE_DEFAULTS, **rec["recipe"]} == recipe and rec["seed"] == seed and rec["n_train"] == n_train
                 and rec["data_checksum"] == checksum and rec.get("adversarial") == adversarial):

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 # advmnist.models.list_models()
 MODELS: tuple[str, ...] = ("mlp", "cnn-small", "tutorial", "textbook", "improved-bn", "cnn-deep", "two-conv",
-                           "lenet", "lenet-bn", "madry", "strided")
+                           "lenet", "lenet-bn", "madry", "strided",
+                           "trades-cnn")
 
 # advmnist.attacks.list_attacks()
 ATTACKS: tuple[str, ...] = ("fgsm", "gd", "penalty", "pgd", "apgd", "apgd-t", "square")
 
 # advmnist.train.ADVERSARIAL_METHODS (defined here, imported there)
-ADVERSARIAL_METHODS: tuple[str, ...] = ("pgd", "fgsm-rs", "fgsm", "trades")
+ADVERSARIAL_METHODS: tuple[str, ...] = ("pgd", "fgsm-rs", "fgsm", "trades", "ibp")
 
 # advmnist.models.SCHEDULES, the values of Recipe.schedule (defined here, imported there)
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import html
 import os
+from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 import matplotlib
 
@@ -16,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .runs import atomic_path  # noqa: E402
+from .runs import atomic_path, skip_file  # noqa: E402
 
 
 def _save(fig: "plt.Figure", path: str | os.PathLike, dpi: int = 100) -> None:
@@ -199,55 +201,104 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _cell(v, spec: str = ".1f") -> str:
+    """A number formatted, anything else (a tampered record) as escaped text."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return format(v, spec)
+    return "–" if v is None else html.escape(str(v))
+
+
+def _link(base: Path, rel: str, name) -> str | None:
+    """A relative URL ("./...") to base/rel/name if that is a file inside `base`, else None: a record
+    cannot point the page at `../`, at an absolute path or at a `javascript:` URL."""
+    if not isinstance(name, str) or not name:
+        return None
+    root = base.resolve()
+    try:
+        target = (base / rel / name).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    return "./" + quote(target.relative_to(root).as_posix())
+
+
+def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str], str]:
+    """One attack run's summary rows and section. Every field is escaped and every link checked."""
+    e = html.escape
+
+    def a_img(name, style: str = "", title: bool = False) -> str:
+        url = _link(base, rel, name)
+        if url is None:
+            return ""
+        attrs = (f" title='{e(name)}'" if title else "") + (f" style='{style}'" if style else "")
+        return f"<a href='{e(url)}'><img src='{e(url)}'{attrs}></a>"
+
+    model = rec["model"]
+    rows = []
+    for res in rec["results"]:
+        o = res["overall"]
+        params = ", ".join(f"{k}={v}" for k, v in res["params"].items() if v is not None)
+        rows.append(
+            f"<tr><td class=l><a href='#{anchor}'>{e(rel)}</a></td><td class=l>{e(str(model['name']))}</td>"
+            f"<td class=l>{e(str(rec['method']))}</td><td class=l><code>{e(params)}</code></td>"
+            f"<td>{_cell(o['n'], 'd')}</td>"
+            f"<td>{_cell(model['clean_test_accuracy'], '.2f')}</td><td>{_cell(o['fooling_rate'])}</td>"
+            f"<td>{_cell(o['robust_accuracy'])}</td><td>{_cell(o['l2']['mean'], '.2f')}</td>"
+            f"<td>{_cell(o['linf']['mean'], '.3f')}</td><td>{_cell(o['success_8bit'])}</td></tr>")
+    pics = []
+    for res in rec["results"]:
+        files = res["files"]
+        label = ", ".join(f"{k}={v}" for k, v in res["sweep_params"].items())
+        gallery = a_img(files.get("gallery"), "width:300px")
+        thumbs = "".join(a_img(p, title=True) for p in list(files.get("digits", []))[:30])
+        pics.append(f"<figure><figcaption>{e(label)}</figcaption>{gallery}"
+                    f"<div class=thumbs style='max-width:300px'>{thumbs}</div></figure>")
+    for key in ("sweep_plot", "matrix"):
+        img = a_img((rec.get("files") or {}).get(key), "width:480px")
+        if img:
+            pics.insert(0, f"<figure>{img}</figure>")
+    digits = rec["results"][-1]["per_digit"]
+    digit_rows = "".join(
+        f"<tr><td>{e(str(d))}</td><td>{_cell(s['n'], 'd')}</td><td>{_cell(s['fooling_rate'])}</td>"
+        f"<td>{_cell(s['robust_accuracy'])}</td><td>{_cell(s['l2']['mean'], '.2f')}</td>"
+        f"<td>{_cell(s['confidence']['mean'], '.2f')}</td></tr>"
+        for d, s in digits.items())
+    last = ", ".join(f"{k}={v}" for k, v in rec["results"][-1]["sweep_params"].items()) or "all"
+    record_url = _link(base, rel, "record.json")
+    record_link = f" <a href='{e(record_url)}'>record.json</a>" if record_url else ""
+    section = (
+        f"<section id='{anchor}'><h2>{e(rel)}</h2><p>{e(str(model['name']))} "
+        f"(checkpoint <code>{e(str(model['checkpoint_sha256'])[:12])}</code>), {e(str(rec['method']))}, "
+        f"seed {_cell(rec['seed'], 'd')}, {_cell(rec['wall_time_s'])} s.{record_link}</p>"
+        f"<div class=pics>{''.join(pics)}</div><h3>per digit ({e(last)})</h3>"
+        f"<table><tr><th>digit</th><th>n</th><th>fooling rate</th><th>robust acc.</th><th>mean L2</th>"
+        f"<th>mean confidence</th></tr>{digit_rows}</table></section>")
+    return rows, section
+
+
 def attack_index(records: Sequence[tuple[str, dict]], path: str | os.PathLike) -> None:
     """index.html over every attack run: a summary table, then each run's galleries and plots.
 
-    records: (directory name relative to the index, record) pairs, newest first.
+    records: (directory name relative to the index, record) pairs, newest first. Every record field
+    and directory name is HTML-escaped, links go only to files that exist inside the index's folder,
+    and a record that cannot be drawn is left out with a SkippedFileWarning naming it.
     """
-    e = html.escape
+    base = Path(path).parent
     head = ("<tr><th class=l>run</th><th class=l>model</th><th class=l>attack</th><th class=l>parameters</th>"
             "<th>n</th><th>clean acc. (test set)</th><th>fooling rate</th><th>robust acc.</th>"
             "<th>mean L2</th><th>mean Linf</th><th>still fools as PNG</th></tr>")
     rows, sections = [], []
     for rel, rec in records:
-        for res in rec["results"]:
-            o = res["overall"]
-            params = ", ".join(f"{k}={v}" for k, v in res["params"].items() if v is not None)
-            rows.append(
-                f"<tr><td class=l><a href='#{e(rel)}'>{e(rel)}</a></td><td class=l>{e(rec['model']['name'])}</td>"
-                f"<td class=l>{e(rec['method'])}</td><td class=l><code>{e(params)}</code></td><td>{o['n']}</td>"
-                f"<td>{_fmt(rec['model']['clean_test_accuracy'], '.2f')}</td><td>{_fmt(o['fooling_rate'])}</td>"
-                f"<td>{_fmt(o['robust_accuracy'])}</td><td>{_fmt(o['l2']['mean'], '.2f')}</td>"
-                f"<td>{_fmt(o['linf']['mean'], '.3f')}</td><td>{_fmt(o['success_8bit'])}</td></tr>")
-        pics = []
-        for res in rec["results"]:
-            files = res["files"]
-            label = ", ".join(f"{k}={v}" for k, v in res["sweep_params"].items())
-            g = files.get("gallery")
-            gallery = f"<a href='{e(rel)}/{e(g)}'><img src='{e(rel)}/{e(g)}' style='width:300px'></a>" if g else ""
-            thumbs = "".join(f"<a href='{e(rel)}/{e(p)}'><img src='{e(rel)}/{e(p)}' title='{e(p)}'></a>"
-                             for p in files.get("digits", [])[:30])
-            pics.append(f"<figure><figcaption>{e(label)}</figcaption>{gallery}"
-                        f"<div class=thumbs style='max-width:300px'>{thumbs}</div></figure>")
-        for key in ("sweep_plot", "matrix"):
-            if rec.get("files", {}).get(key):
-                f = rec["files"][key]
-                pics.insert(0, f"<figure><a href='{e(rel)}/{e(f)}'><img src='{e(rel)}/{e(f)}' "
-                               f"style='width:480px'></a></figure>")
-        digits = rec["results"][-1]["per_digit"]
-        digit_rows = "".join(
-            f"<tr><td>{d}</td><td>{s['n']}</td><td>{_fmt(s['fooling_rate'])}</td><td>{_fmt(s['robust_accuracy'])}</td>"
-            f"<td>{_fmt(s['l2']['mean'], '.2f')}</td><td>{_fmt(s['confidence']['mean'], '.2f')}</td></tr>"
-            for d, s in digits.items())
-        last = ", ".join(f"{k}={v}" for k, v in rec["results"][-1]["sweep_params"].items()) or "all"
-        sections.append(
-            f"<section id='{e(rel)}'><h2>{e(rel)}</h2><p>{e(rec['model']['name'])} "
-            f"(checkpoint <code>{e(rec['model']['checkpoint_sha256'][:12])}</code>), {e(rec['method'])}, "
-            f"seed {rec['seed']}, {rec['wall_time_s']:.1f} s. <a href='{e(rel)}/record.json'>record.json</a></p>"
-            f"<div class=pics>{''.join(pics)}</div><h3>per digit ({e(last)})</h3>"
-            f"<table><tr><th>digit</th><th>n</th><th>fooling rate</th><th>robust acc.</th><th>mean L2</th>"
-            f"<th>mean confidence</th></tr>{digit_rows}</table></section>")
-    body = (f"<p>{len(records)} attack run(s). Rates in %. Fooling rate: of the examples the model "
+        try:
+            entry_rows, section = _index_entry(base, rel, rec, anchor=f"run-{len(sections) + 1}")
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            skip_file(base / rel / "record.json", f"left out of {Path(path).name} "
+                                                  f"(not a complete attack record: {exc.__class__.__name__} {exc})")
+            continue
+        rows += entry_rows
+        sections.append(section)
+    body = (f"<p>{len(sections)} attack run(s). Rates in %. Fooling rate: of the examples the model "
             f"classified correctly, the share the attack fooled (targeted attacks: sent to the target).</p>"
             f"<table>{head}{''.join(rows)}</table>{''.join(sections)}")
     write_html(path, "advmnist attack runs", body)

@@ -174,12 +174,13 @@ def _run_stage(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor,
 
 def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, stages: tuple[Stage, ...],
                  norm: str = "linf", seed: int = 0, alone: bool = False, batch_size: int = 1000,
-                 log: Callable[[str], None] = lambda s: None) -> dict:
+                 proven: torch.Tensor | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Robust accuracy (%) under an ensemble, worst case per example.
 
     Each stage attacks the examples every earlier stage left robust (as AutoAttack does); the
     table gives robust accuracy after each stage cumulatively and, with `alone`, under each attack
-    by itself (then every stage attacks every clean-correct example, which costs more).
+    by itself (then every stage attacks every clean-correct example, which costs more). Examples in
+    `proven` (certified robust by `advmnist.bounds`) count as robust and are not attacked.
     """
     start = time.perf_counter()
     with eval_mode(model):
@@ -189,7 +190,7 @@ def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
         for i, stage in enumerate(stages):
             t0 = time.perf_counter()
             todo = clean_ok if alone or i == 0 else robust
-            idx = todo.nonzero().flatten()
+            idx = (todo if proven is None else todo & ~proven).nonzero().flatten()
             survived = clean_ok.clone()
             if len(idx):
                 survived[idx] = _run_stage(model, stage, x[idx], y[idx], eps=eps, norm=norm, seed=seed + i,

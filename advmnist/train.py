@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,10 @@ from tqdm.auto import tqdm
 
 from . import runs
 from .attacks import pgd
-from .attacks.core import project_linf
+from .attacks.core import frozen, gradient_fn
 from .data import MNIST, load_mnist
 from .devices import pick_device
-from .errors import AdvmnistError
+from .errors import AdvmnistError, TrainingDiverged
 from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
 from .models import SCHEDULES, Recipe, create_model, get_spec
@@ -42,6 +43,9 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def check_recipe(recipe: Recipe) -> None:
+    from .validate import RECIPE, check_fields
+
+    check_fields(dataclasses.asdict(recipe), RECIPE)  # finite, in range and numbers: NaN and inf are refused
     if recipe.lr <= 0:
         raise AdvmnistError(f"learning rate must be positive, got {recipe.lr}")
     if recipe.batch_size < 1 or recipe.epochs < 1:
@@ -70,50 +74,85 @@ def learning_rate(recipe: Recipe, progress: float) -> float:
 class Adversarial:
     """Adversarial training: the inner attack, its budget, and how eps is ramped up."""
 
-    method: str  # "pgd" (Madry et al.), "fgsm-rs" (Wong et al.), "trades" (Zhang et al.), "fgsm" (no
-    #              random start: known to overfit catastrophically; kept to show the detector firing)
+    method: str  # "pgd" (Madry et al.), "fgsm-rs" (Wong et al.), "trades" (Zhang et al.), "ibp" (Gowal
+    #              et al.: certified training on interval bounds, no inner attack), "fgsm" (no random
+    #              start: known to overfit catastrophically; kept to show the detector firing)
     eps: float = 0.3  # Linf bound during training (and for the per-epoch monitor)
     steps: int = 40  # inner steps for pgd and trades; fgsm and fgsm-rs take one
     alpha: float | None = None  # inner step size; None: pgd 2.5 eps/steps, fgsm-rs 1.25 eps, trades 2 eps/steps
     beta: float = 6.0  # trades: weight of the KL term
     ramp_epochs: float = 0.0  # eps grows linearly from 0 to eps over this many epochs
+    kappa: float = 0.5  # ibp: weight of the clean loss at the end of the ramp (1 at its start)
     monitor: int = 500  # first test images whose PGD accuracy is recorded after each epoch
     monitor_steps: int = 20  # PGD steps of that monitor
+    monitor_eps: float | None = None  # eps of the monitor; None: the training eps
 
     def check(self) -> None:
         if self.method not in ADVERSARIAL_METHODS:
             raise AdvmnistError(f"unknown adversarial training {self.method!r}; use {', '.join(ADVERSARIAL_METHODS)}")
         if self.eps < 0 or self.steps < 1 or (self.alpha is not None and self.alpha <= 0):
             raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
+        from .validate import ADVERSARIAL, check_fields
+
+        check_fields(dataclasses.asdict(self), ADVERSARIAL, "adversarial training")  # also NaN and inf
 
     def step_size(self) -> float:
         if self.alpha is not None:
             return self.alpha
         return {"pgd": 2.5 * self.eps / self.steps, "fgsm-rs": 1.25 * self.eps, "fgsm": self.eps,
-                "trades": 2.0 * self.eps / self.steps}[self.method]
+                "trades": 2.0 * self.eps / self.steps, "ibp": 0.0}[self.method]
+
+    def kappa_at(self, eps: float) -> float:
+        """ibp: the clean loss's weight, from 1 down to `kappa` as eps ramps up (Gowal et al. 2018)."""
+        return 1.0 - (1.0 - self.kappa) * (eps / self.eps if self.eps > 0 else 1.0)
 
     def eps_at(self, progress: float) -> float:
         """Training eps after `progress` epochs (fractional): linear from 0 over ramp_epochs, then eps."""
         return self.eps * (min(1.0, progress / self.ramp_epochs) if self.ramp_epochs > 0 else 1.0)
 
     def __str__(self) -> str:
+        if self.method == "ibp":
+            text = f"ibp training eps={self.eps:g} kappa=1->{self.kappa:g}"
+            return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
         text = f"{self.method} training eps={self.eps:g} steps={self.steps} alpha={self.step_size():g}"
         return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
 
 
+def _kl_from(p_nat: torch.Tensor):
+    def kl(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
+        return (p_nat * (p_nat.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1))).sum(1)
+    return kl
+
+
 def _trades_example(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
                     generator: torch.Generator) -> torch.Tensor:
-    """TRADES' inner maximisation: the point in the eps-ball whose prediction differs most (KL)."""
-    with torch.no_grad():
-        p_nat = F.softmax(model(x), dim=1)
-    adv = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
-    for _ in range(steps):
-        adv = adv.detach().requires_grad_(True)
-        with torch.enable_grad():
-            kl = F.kl_div(F.log_softmax(model(adv), dim=1), p_nat, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, adv)
-        adv = project_linf(adv + alpha * grad.sign(), x, eps).clamp(0, 1)
+    """TRADES' inner maximisation: the point in the eps-ball whose prediction differs most (KL),
+    by signed gradient steps on the attacks' input-gradient path (`gradient_fn`) with the KL to
+    the clean prediction as its loss."""
+    with frozen(model):
+        with torch.no_grad():
+            p_nat = F.softmax(model(x), dim=1)
+        grad_fn = gradient_fn(model, x, loss=_kl_from(p_nat))
+        lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+        adv = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(lo, hi)
+        for _ in range(steps):
+            grad, _ = grad_fn(adv, p_nat)
+            adv = torch.clamp(adv + alpha * grad.sign_(), lo, hi)
     return adv.detach()
+
+
+def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float):
+    """kappa CE(clean) + (1 - kappa) CE(worst-case logits): the worst case puts every other logit at
+    its IBP upper bound relative to the label's (the margin lower bounds, Gowal et al. 2018)."""
+    from .bounds import ibp_margins
+
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    if kappa < 1.0:
+        margins = ibp_margins(model, x, y, eps)  # (N, 9) lower bounds of logit_y - logit_j
+        worst = torch.cat([torch.zeros_like(margins[:, :1]), -margins], dim=1)  # the label first
+        loss = kappa * loss + (1.0 - kappa) * F.cross_entropy(worst, torch.zeros_like(y))
+    return loss, logits
 
 
 def adversarial_loss(adv: Adversarial, generator: torch.Generator):
@@ -121,6 +160,8 @@ def adversarial_loss(adv: Adversarial, generator: torch.Generator):
     alpha = adv.step_size()
 
     def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, eps: float):
+        if adv.method == "ibp":
+            return ibp_loss(model, xb, yb, eps, adv.kappa_at(eps))
         model.eval()
         if adv.method == "trades":
             x_adv = _trades_example(model, xb, eps, alpha, adv.steps, generator)
@@ -177,9 +218,21 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 
 def monitor_robustness(model: nn.Module, data: MNIST, adv: Adversarial) -> float:
-    """PGD accuracy (%) on the first `adv.monitor` test images at the full training eps."""
+    """PGD accuracy (%) on the first `adv.monitor` test images at the monitor's eps (default: the
+    full training eps)."""
+    eps = adv.eps if adv.monitor_eps is None else adv.monitor_eps
     with eval_mode(model):
-        return pgd_accuracy(model, data.test_x[:adv.monitor], data.test_y[:adv.monitor], adv.eps, adv.monitor_steps)
+        return pgd_accuracy(model, data.test_x[:adv.monitor], data.test_y[:adv.monitor], eps, adv.monitor_steps)
+
+
+def monitor_certified(model: nn.Module, data: MNIST, adv: Adversarial) -> float:
+    """IBP-certified accuracy (%) on the first `adv.monitor` test images at the monitor's eps."""
+    from .bounds import certified, certified_margins
+
+    with eval_mode(model):
+        x, y = data.test_x[:adv.monitor], data.test_y[:adv.monitor]
+        eps = adv.eps if adv.monitor_eps is None else adv.monitor_eps
+        return 100.0 * certified(certified_margins(model, x, y, eps, method="ibp")[0]).float().mean().item()
 
 
 def detect_overfitting(history: list[dict], drop: float = 20.0) -> list[str]:
@@ -227,6 +280,7 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
         loss_fn = adversarial_loss(adversarial, torch.Generator().manual_seed(seed + 1))
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
+    good = (0, copy.deepcopy(model.state_dict()))  # the last weights with finite losses: (epoch, state)
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         with tqdm(total=len(data.train_x), desc=f"epoch {epoch}/{recipe.epochs}", unit="img",
@@ -239,15 +293,27 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
                                 else lambda frac, e=epoch: learning_rate(recipe, e - 1 + frac))
         train_seconds = time.perf_counter() - start
         test = evaluate(model, data.test_x, data.test_y)
+        if _diverged(model, stats["train_loss"], test["loss"]):
+            model.load_state_dict(good[1])
+            kept = (f"the weights of epoch {good[0]}, the last with finite losses, are restored" if good[0]
+                    else "no epoch ended with finite losses")
+            err = TrainingDiverged(f"training diverged in epoch {epoch}: train loss {stats['train_loss']:g}, "
+                                   f"test loss {test['loss']:g} (learning rate {recipe.lr:g} too large?); {kept}")
+            err.good_epoch, err.history = good[0], history
+            raise err
+        good = (epoch, copy.deepcopy(model.state_dict()))
         stats = {"epoch": epoch, **stats, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                  "seconds": round(train_seconds, 3)}
         if adversarial is not None:
             stats["robust_accuracy"] = monitor_robustness(model, data, adversarial)
+            if adversarial.method == "ibp":
+                stats["certified_accuracy"] = monitor_certified(model, data, adversarial)
             if adversarial.ramp_epochs > epoch:
                 stats["ramping"] = True
             stats["warnings"] = _epoch_warnings(stats, best[0] if best else None)
-            if best is None or stats["robust_accuracy"] > best[0]:
-                best = (stats["robust_accuracy"], epoch, copy.deepcopy(model.state_dict()))
+            score = stats.get("certified_accuracy", stats["robust_accuracy"])
+            if best is None or score > best[0]:
+                best = (score, epoch, copy.deepcopy(model.state_dict()))
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
@@ -255,6 +321,12 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
         model.load_state_dict(best[2])
         history[-1]["restored_epoch"] = best[1]
     return history
+
+
+def _diverged(model: nn.Module, *losses: float) -> bool:
+    """A non-finite loss or weight: training cannot recover from it."""
+    return not all(math.isfinite(v) for v in losses) or not all(bool(torch.isfinite(p).all())
+                                                                for p in model.parameters())
 
 
 def resolve_recipe(name: str, **overrides) -> Recipe:
@@ -282,16 +354,25 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
     recipe = resolve_recipe(name, **overrides)
     options = {"dropout": recipe.dropout} if recipe.dropout is not None else {}
     dev = pick_device(device)
+    runs.check_output_dir(out)  # before the training, not after it
     if data is None:
-        data = load_mnist(data_dir)
+        data = load_mnist(data_dir, download=False)
     data = data.to(dev)
     wall = time.perf_counter()
     torch.manual_seed(seed)
     model = create_model(name, **options).to(dev)  # initial weights drawn from the seeded generator
-    history = fit(model, data, recipe, seed=seed, progress=progress, on_epoch=on_epoch, adversarial=adversarial)
+    try:
+        history = fit(model, data, recipe, seed=seed, progress=progress, on_epoch=on_epoch, adversarial=adversarial)
+    except TrainingDiverged as exc:
+        if not exc.good_epoch:
+            raise
+        kept = _keep_diverged(model, name, options, out, seed, recipe, exc)
+        raise TrainingDiverged(f"{exc} and kept in {kept / runs.CHECKPOINT} (a run of kind 'train-diverged', "
+                               f"which attack and evaluate do not pick up)") from None
     final = evaluate(model, data.test_x, data.test_y)
     run_name = runs.new_run_name(name, seed, tag=f"-adv-{adversarial.method}" if adversarial else "")
     with runs.run_directory(out, run_name) as tmp:
+        run_name = runs.final_path(tmp).name  # with a suffix if another run took the name
         sha = runs.save_checkpoint(tmp / runs.CHECKPOINT, model.cpu(), name, options)
         prov = runs.provenance()
         record = {
@@ -309,3 +390,16 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
         plot_curves(history, tmp / "curves.png", title=f"{name} (seed {seed})")
         runs.write_json(tmp / runs.RECORD, record)
     return Path(out) / run_name
+
+
+def _keep_diverged(model: nn.Module, name: str, options: dict, out: str | Path, seed: int, recipe: Recipe,
+                   exc: TrainingDiverged) -> Path:
+    """Write the last good weights of a diverged training into a run of kind 'train-diverged'."""
+    with runs.run_directory(out, runs.new_run_name(name, seed, tag="-diverged")) as tmp:
+        kept = runs.final_path(tmp)
+        sha = runs.save_checkpoint(tmp / runs.CHECKPOINT, model.cpu(), name, options)
+        runs.write_json(tmp / runs.RECORD, {
+            "kind": "train-diverged", "model": name, "options": options, "recipe": dataclasses.asdict(recipe),
+            "seed": seed, "epoch": exc.good_epoch, "error": str(exc), "history": exc.history,
+            "checkpoint_sha256": sha, "provenance": runs.provenance(), "run": kept.name})
+    return kept
