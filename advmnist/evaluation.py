@@ -156,7 +156,7 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
               "settings": {"eps": eps, "norm": norm, "ensemble": ensemble, "attacks": [s.key for s in stages],
                            "steps": steps, "restarts": restarts, "queries": queries, "alone": alone, "n": n,
                            "check_n": m},
-              **result, "certified": certificate,
+              **result, "not_robust": (~robust).nonzero().flatten().tolist(), "certified": certificate,
               "interval": [certificate["certified_accuracy"] if certificate and "certified_accuracy" in certificate
                            else None, result["robust_accuracy"]],
               "checks": checks, "masking": {"flagged": bool(failed), "failed": failed},

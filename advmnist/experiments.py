@@ -73,6 +73,13 @@ class Robust:
     alone: bool = False  # also each attack on its own
     limit: int = 0  # the first N test images; 0: all of them
     check_n: int = 1000  # images for the masking checks
+    certify: bool = True  # also certified accuracy (advmnist.bounds): the true value is then an interval
+    curve: tuple[float, ...] = ()  # more eps values for an accuracy-vs-eps table and plot (first seed)
+    curve_limit: int = 0  # images for the curve's points; 0: as `limit`
+
+
+#: Robust fields that do not change the attacked number: left out of its cache key.
+_NOT_IN_KEY = ("certify", "curve", "curve_limit")
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,8 @@ def load_spec(path: str | Path) -> Spec:
     spec = Spec(**{**raw, "variants": variants, "attacks": attacks, "seeds": tuple(raw.get("seeds", (0,))),
                    "transfer": Transfer(**_only(transfer, Transfer, f"{path} [transfer]")) if transfer else None,
                    "robust": Robust(**{**_only(robust, Robust, f"{path} [robust]"),
-                                       "attacks": tuple(robust.get("attacks", ()))}) if robust is not None else None})
+                                       "attacks": tuple(robust.get("attacks", ())),
+                                       "curve": tuple(robust.get("curve", ()))}) if robust is not None else None})
     if spec.robust is not None:
         from .robustness import ensemble_stages
 
@@ -307,8 +315,9 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
 
     robust = [[_robust_cached(run, data, spec.robust, seed, log) for run, seed in zip(found, spec.seeds)]
               for _, found, _ in rows] if spec.robust else []
+    curve = _robust_curve(spec, rows, data, log) if spec.robust and spec.robust.curve else []
     page = _page(spec, spec_path, rows, attack_cols, results, data, pending,
-                 _robust_section(spec, rows, robust) if robust else "")
+                 _robust_section(spec, rows, robust, curve, results) if robust else "")
     transfer_md = _transfer(spec, rows, data, results, log) if spec.transfer else ""
     wall = time.perf_counter() - start
     text = page.replace("{TRANSFER}", transfer_md).replace(
@@ -329,11 +338,44 @@ def _robust_cached(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
         log(f"robust evaluation of {run.name}")
         return robust_evaluate_run(run, data, eps=r.eps, ensemble=r.ensemble, attacks=list(r.attacks) or None,
                                    steps=r.steps, restarts=r.restarts, queries=r.queries, norm=r.norm,
-                                   alone=r.alone, limit=r.limit or None, check_n=r.check_n, seed=seed,
-                                   log=lambda m: log(f"  {m}"))
+                                   alone=r.alone, limit=r.limit or None, check_n=r.check_n, certify=r.certify,
+                                   seed=seed, log=lambda m: log(f"  {m}"))
 
-    key = {**dataclasses.asdict(r), "seed": seed, "data": data.checksum}
-    return _cached(run / "attack-cache" / f"robust-{_key(key)}.json", compute)
+    key = {k: v for k, v in dataclasses.asdict(r).items() if k not in _NOT_IN_KEY}
+    path = run / "attack-cache" / f"robust-{_key({**key, 'seed': seed, 'data': data.checksum})}.json"
+    rec = _cached(path, compute)
+    if r.certify and rec.get("certified") is None:  # cached before certification existed: add it now
+        rec = _add_certificate(run, data, rec, log)
+        runs.write_json(path, rec)
+    return rec
+
+
+def _add_certificate(run: Path, data: MNIST, rec: dict, log) -> dict:
+    """Certify a cached robust record's images and check them against its per-image result."""
+    from .evaluation import certify_examples, check_soundness
+
+    model, _ = runs.load_checkpoint(run)
+    n = rec["n"]
+    certificate, mask = certify_examples(model, data.test_x[:n], data.test_y[:n], rec["eps"], rec["norm"],
+                                         lambda m: log(f"  {run.name}: {m}"))
+    if mask is not None:
+        if "not_robust" in rec:
+            robust = torch.ones(n, dtype=torch.bool)
+            robust[rec["not_robust"]] = False
+            check_soundness(mask, robust, rec["eps"])
+            certificate["soundness_checked"] = True
+        else:  # the record predates per-image results: the check needs none when nothing is certified
+            certificate["soundness_checked"] = not bool(mask.any())
+    return {**rec, "certified": certificate,
+            "interval": [certificate.get("certified_accuracy"), rec["robust_accuracy"]]}
+
+
+def _robust_curve(spec: Spec, rows, data: MNIST, log) -> list[list[dict]]:
+    """Per variant (first seed): the robust evaluation at every eps of the curve and the main eps."""
+    r = spec.robust
+    eps_values = sorted(set(r.curve) | {r.eps})
+    return [[_robust_cached(found[0], data, dataclasses.replace(r, eps=e, limit=r.curve_limit or r.limit),
+                            spec.seeds[0], log) for e in eps_values] for _, found, _ in rows]
 
 
 def robust_command(r: Robust) -> str:
@@ -353,10 +395,18 @@ def robust_command(r: Robust) -> str:
     parts.append(f"--limit {r.limit}")
     if r.check_n != 1000:
         parts.append(f"--check-n {r.check_n}")
+    if not r.certify:
+        parts.append("--no-certify")
     return " ".join(parts)
 
 
-def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
+def _certified_cell(rec: dict) -> str:
+    cert = rec.get("certified") or {}
+    return _fmt(cert.get("certified_accuracy")) if "certified_accuracy" in cert else "–"
+
+
+def _robust_section(spec: Spec, rows, robust: list[list[dict]], curve: list[list[dict]] = (),
+                    results: Path | None = None) -> str:
     r = spec.robust
     first = robust[0][0]
     lines = ["## Robust accuracy under the standard evaluation", "",
@@ -364,15 +414,21 @@ def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
              "robust only if every attack below fails on it; each attack runs on the images all earlier ones "
              "left standing (as AutoAttack does). Mean over seeds. A flag means the number is not to be "
              "trusted: a sign of gradient masking or of an evaluation that has not converged.", "",
-             "| variant | clean (%) | robust (%) | seeds | masking checks | evaluation time (s) |",
-             "| --- | ---: | ---: | --- | --- | ---: |"]
+             "Certified: the share of images that interval bound propagation or CROWN (`advmnist/bounds.py`) "
+             "proves robust, a lower bound no attack can break; the true robust accuracy lies between the "
+             "certified and the attacked (robust) column. – : the model has a layer the bounds do not handle "
+             "or certification was off.", "",
+             "| variant | clean (%) | certified (%) | robust (%) | seeds | masking checks | evaluation time (s) |",
+             "| --- | ---: | ---: | ---: | --- | --- | ---: |"]
     for (v, _, _), recs in zip(rows, robust):
         accs = [x["robust_accuracy"] for x in recs]
         flagged = [c for x in recs for c in x.get("masking", {}).get("failed", [])]
         badge = f"**FLAGGED** ({len(flagged)})" if flagged else "none fired"
         lines.append(f"| {v.label} | {statistics.fmean(x['clean_accuracy'] for x in recs):.2f} | "
-                     f"{statistics.fmean(accs):.2f} | {_per_seed(accs)} | {badge} | "
+                     f"{_certified_cell(recs[0])} | {statistics.fmean(accs):.2f} | {_per_seed(accs)} | {badge} | "
                      f"{statistics.fmean(x['wall_time_s'] for x in recs):.0f} |")
+    if curve:
+        lines += _curve_lines(spec, rows, curve, results)
     for (v, _, _), recs in zip(rows, robust):
         rec = recs[0]
         lines += ["", f"### {v.label}: robust accuracy after each attack (seed {spec.seeds[0]})", "",
@@ -385,6 +441,44 @@ def _robust_section(spec: Spec, rows, robust: list[list[dict]]) -> str:
         lines += [f"- {'passed' if c['passed'] else '**FLAGGED**'}: {c['check']} ({c['detail']})"
                   for c in rec["checks"]]
     return "\n".join(lines) + "\n\n"
+
+
+def _curve_lines(spec: Spec, rows, curve: list[list[dict]], results: Path) -> list[str]:
+    eps_values = [rec["eps"] for rec in curve[0]]
+    n = curve[0][0]["n"]
+    lines = ["", f"### Accuracy against eps: certified / attacked (%), {n} test images"
+             + ("" if n == 10000 else " (a subset)") + f", seed {spec.seeds[0]}", "",
+             "| variant | " + " | ".join(f"eps {e:g}" for e in eps_values) + " |",
+             "| --- |" + " ---: |" * len(eps_values)]
+    for (v, _, _), recs in zip(rows, curve):
+        lines.append(f"| {v.label} | " + " | ".join(f"{_certified_cell(x)} / {x['robust_accuracy']:.2f}"
+                                                    for x in recs) + " |")
+    plot = f"{spec.name}_interval.png"
+    _plot_interval(rows, curve, results / plot)
+    return lines + ["", f"![certified and attacked accuracy against eps]({plot})"]
+
+
+def _plot_interval(rows, curve: list[list[dict]], path: Path) -> None:
+    """Attacked (upper) and certified (lower) robust accuracy against eps, the band between shaded."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for i, ((v, _, _), recs) in enumerate(zip(rows, curve)):
+        style = _line_style(i)
+        eps = [0.0] + [x["eps"] for x in recs]
+        attacked = [recs[0]["clean_accuracy"]] + [x["robust_accuracy"] for x in recs]
+        cert = [(x.get("certified") or {}).get("certified_accuracy") for x in recs]
+        ax.plot(eps, attacked, ms=3, label=f"{v.label}: attacked", **style)
+        if all(c is not None for c in cert):
+            lower = [recs[0]["clean_accuracy"]] + cert
+            ax.plot(eps, lower, ms=3, alpha=0.8, label=f"{v.label}: certified",
+                    **{**style, "linestyle": "--"})
+            ax.fill_between(eps, lower, attacked, color=style.get("color"), alpha=0.15)
+    ax.set(xlabel="epsilon (Linf)", ylabel="accuracy (%)", ylim=(-2, 102),
+           title="Robust accuracy: the truth lies in the shaded band")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    pictures._save(fig, path)
 
 
 def _page(spec: Spec, spec_path: Path, rows, attack_cols, results: Path, data: MNIST,

@@ -240,6 +240,8 @@ SPEC_SCHEMA: dict[str, dict[str, Field]] = {
         "eps": _number(NONNEG), "ensemble": _string(), "attacks": _list("attack names", lambda v: isinstance(v, str)),
         "steps": _number(COUNT), "restarts": _number(COUNT), "queries": _number(COUNT),
         "norm": _choice(("linf", "l2")), "alone": BOOL, "limit": _number(COUNT0), "check_n": _number(COUNT),
+        "certify": BOOL, "curve": _list("eps values >= 0", NONNEG.accepts, distinct=True),
+        "curve_limit": _number(COUNT0),
     },
 }
 

@@ -188,3 +188,49 @@ def test_runs_recorded_before_a_recipe_field_existed_are_still_found(mini):
     (run / "record.json").write_text(json.dumps(record))
     recipe = dataclasses.asdict(resolve_recipe("lenet", epochs=1, lr=0.05))
     assert find_run(root / "runs", "lenet", recipe, record["seed"], record["n_train"], record["data_checksum"]) == run
+
+
+CERTIFIED = """
+title = "Miniature certified training"
+report = "test"
+seeds = [0]
+train_limit = 1000
+
+[[variant]]
+label = "strided, IBP training"
+model = "strided"
+overrides = { epochs = 6, lr = 5e-3 }
+adversarial = { method = "ibp", eps = 0.1, ramp_epochs = 3, kappa = 0.5, monitor = 100 }
+
+[robust]
+eps = 0.05
+ensemble = "quick"
+steps = 3
+queries = 50
+limit = 100
+check_n = 20
+curve = [0.02]
+"""
+
+
+def test_certified_spec_shows_the_interval_and_its_curve(tmp_path, small):
+    spec = tmp_path / "experiments" / "cert.toml"
+    spec.parent.mkdir()
+    spec.write_text(CERTIFIED)
+    data = small.subset(None, 1000)
+    page = run_experiment(spec, out=tmp_path / "runs", data=data).read_text()
+    (run,) = (tmp_path / "runs").glob("strided-*")
+    recs = {json.loads(p.read_text())["eps"]: json.loads(p.read_text()) for p in (run / "attack-cache").glob("robust-*.json")}
+    assert set(recs) == {0.05, 0.02}
+    for eps, rec in recs.items():
+        cert = rec["certified"]
+        assert cert["method"] == "ibp+crown-ibp" or cert["method"] == "ibp+crown"
+        assert rec["clean_accuracy"] > 60  # a model, not a constant
+        assert 10 < cert["certified_accuracy"] <= rec["robust_accuracy"] <= rec["clean_accuracy"]
+        assert rec["interval"] == [cert["certified_accuracy"], rec["robust_accuracy"]]
+    assert recs[0.02]["certified"]["certified_accuracy"] >= recs[0.05]["certified"]["certified_accuracy"]
+    main = recs[0.05]
+    assert f"| {main['certified']['certified_accuracy']:.2f} | {main['robust_accuracy']:.2f} |" in page
+    assert "certified / attacked (%), 100 test images (a subset)" in page
+    assert (tmp_path / "experiments" / "results" / "cert_interval.png").stat().st_size > 10_000
+    assert "![certified and attacked accuracy against eps](cert_interval.png)" in page
