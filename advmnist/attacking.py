@@ -1,5 +1,9 @@
 """`advmnist attack`: choose test images and targets, run an attack, measure, write record and pictures.
 
+Choosing the images, running the attack and measuring it go through `advmnist.execution` (`select`,
+`execute_attack`), the path the experiment runner and the robust evaluation share; this module
+adds what an attack run leaves behind.
+
 A run lands in `<out>/attacks/<model>-<method>-<time>-s<seed>/` with `record.json`, one upscaled PNG
 per (digit, label) pair, a gallery PNG per result and, for sweeps, robust accuracy against eps.
 `<out>/attacks/index.html` is rewritten after every run and lists them all.
@@ -9,58 +13,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from . import pictures, runs, validate
-from .attacks import AttackError, get_attack
-from .errors import InvalidValue
+from .attacks import AttackError
 from .data import MNIST
-from .measures import attack_measures, eval_mode, evaluate
 from .devices import pick_device
+from .errors import InvalidValue
+from .execution import check_params, execute_attack, select
+from .measures import evaluate
 
 ATTACKS_DIR = "attacks"
-
-
-def parse_target_map(spec: str) -> Callable[[int], list[int]]:
-    """'next' (d -> d+1), 'prev' (d -> d-1), 'all' (every other digit) or pairs '0:3,1:7' (checked by
-    `advmnist.validate.parse_target_map`: digits 0-9, no digit sent to itself)."""
-    try:
-        parsed = validate.parse_target_map(spec)
-    except InvalidValue as exc:
-        raise AttackError(str(exc)) from None
-    if parsed == "next":
-        return lambda s: [(s + 1) % 10]
-    if parsed == "prev":
-        return lambda s: [(s - 1) % 10]
-    if parsed == "all":
-        return lambda s: [t for t in range(10) if t != s]
-    return lambda s: parsed.get(s, [])
-
-
-def select_examples(data: MNIST, *, per_digit: int | None = None, limit: int | None = None) -> torch.Tensor:
-    """Indices into the test set: the first `per_digit` images of each digit, or the first `limit`."""
-    if per_digit is not None:
-        if per_digit < 1:
-            raise AttackError(f"--per-digit must be >= 1, got {per_digit}")
-        return torch.cat([(data.test_y == d).nonzero().flatten()[:per_digit] for d in range(10)])
-    n = len(data.test_y) if not limit else min(limit, len(data.test_y))
-    if n < 1:
-        raise AttackError("--limit must be >= 1")
-    return torch.arange(n, device=data.test_y.device)
-
-
-def _expand(idx: torch.Tensor, labels: torch.Tensor, mapping) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, targets = [], []
-    for i, s in zip(idx.tolist(), labels.tolist()):
-        for t in mapping(s):
-            rows.append(i)
-            targets.append(t)
-    if not rows:
-        raise AttackError("the target map gives no target for the chosen digits")
-    return torch.tensor(rows, device=idx.device), torch.tensor(targets, device=idx.device)
 
 
 def _shown(res: dict, y: torch.Tensor, target: torch.Tensor | None) -> list[tuple[int, int, int]]:
@@ -113,19 +77,18 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
                per_digit: int | None = None, limit: int | None = None, target_map: str = "next",
                targeted: bool = False, device: str = "auto", progress: bool = False,
                keep_examples: int = 200) -> Path:
-    """Attack the model of a training run and write an attack run directory; returns its path."""
-    spec = get_attack(method)
+    """Attack the model of a training run and write an attack run directory; returns its path.
+
+    The attack itself runs through `advmnist.execution.execute_attack`, once per point of the eps
+    sweep; this function chooses the images, and writes the pictures, the record and the index."""
     params = {k: v for k, v in (params or {}).items() if v is not None}
+    spec = check_params(method, params)
     accepted = spec.defaults()
-    for key in params:
-        if key not in accepted or key in ("generator", "callback", "targeted"):
-            raise AttackError(f"attack {method!r} takes no option {key!r}")
     if eps_list is not None and not eps_list:
         raise AttackError("an empty eps list: give one or more values")
     if eps_list and "eps" not in accepted:
         raise AttackError(f"attack {method!r} takes no --eps")
-    try:  # finite and in range: an eps of NaN would "fool" every image, 0 steps would do nothing
-        validate.check_fields(params, validate.ATTACK_PARAMS)
+    try:
         for eps in eps_list or []:
             validate.NONNEG.check(eps, "eps")
     except InvalidValue as exc:
@@ -145,34 +108,20 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
     model, ckpt = runs.load_checkpoint(run_dir, map_location=dev)
     data = data.to(dev)
     clean = evaluate(model, data.test_x, data.test_y)["accuracy"]
-    idx = select_examples(data, per_digit=per_digit, limit=limit)
-    target = None
-    if targeted:
-        idx, target = _expand(idx, data.test_y[idx], parse_target_map(target_map))
+    chosen = select(data, per_digit=per_digit, limit=limit, targeted=targeted, target_map=target_map)
+    idx, target = chosen.indices, chosen.target
     x, y = data.test_x[idx], data.test_y[idx]
-    attack_y = target if targeted else y
 
     sweep = [{"eps": e} for e in eps_list] if eps_list else [{}]
-    steps_total = int(params.get("steps", accepted.get("steps", 0)) or 0) * int(params.get("restarts", 1))
     name = runs.new_run_name(ckpt["model"], seed, tag=f"-{method}")
     results = []
-    with runs.run_directory(root, name) as folder, eval_mode(model):
+    with runs.run_directory(root, name) as folder:
         name = runs.final_path(folder).name  # with a suffix if another run took the name
         for point in sweep:
-            kwargs = {**params, **point}
-            if "targeted" in accepted:
-                kwargs["targeted"] = targeted
-            if "generator" in accepted:
-                kwargs["generator"] = torch.Generator().manual_seed(seed)
             label = ", ".join(f"{k}={v:g}" for k, v in point.items())
-            t0 = time.perf_counter()
-            with tqdm(total=steps_total, desc=f"{method} {label}".strip(), unit="step",
-                      disable=not progress or not steps_total or "callback" not in accepted, leave=False) as bar:
-                if "callback" in accepted:
-                    kwargs["callback"] = lambda step, _x: bar.update(1)
-                x_adv = spec.fn(model, x, attack_y, **kwargs)
-            seconds = time.perf_counter() - t0
-            res = attack_measures(model, x, y, x_adv, target)
+            done = execute_attack(model, method, x, y, target=target, params={**params, **point}, seed=seed,
+                                  progress=progress, label=label)
+            x_adv, res = done.x_adv, done.measures
             prefix = ""
             if len(sweep) > 1:
                 prefix = "_".join(f"{k}{v:g}" for k, v in point.items()) + "/"
@@ -186,9 +135,8 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
             if len(idx) <= keep_examples:
                 res["examples"] = {"test_index": idx.tolist(), "true": y.tolist(),
                                    "target": None if target is None else target.tolist(), **per_example}
-            used = {k: v for k, v in {**accepted, **kwargs}.items() if k not in ("generator", "callback")}
-            results.append({"params": used, "sweep_params": point, **res, "files": files,
-                            "seconds": round(seconds, 3)})
+            results.append({"params": done.params, "sweep_params": point, **res, "files": files,
+                            "seconds": round(done.seconds, 3)})
         record_files = {}
         if len(sweep) > 1:
             eps = [p["eps"] for p in sweep]

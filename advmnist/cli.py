@@ -3,7 +3,9 @@
 Importing this module imports click and a few small torch-free modules (names, errors, the option
 types of `cli_types.py` and the checks of `validate.py`), never torch, numpy or matplotlib: each
 command imports what it needs in its body, so `--help`, `--version` and shell completion are quick.
-The option choices come from `names.py`, static copies of the registries that a test keeps in step.
+The option choices come from `names.py`: static copies of the registries that a test keeps in step,
+and the attacks' names and keyword-only parameters read from their source files, from which the
+`attack` command builds its options (`_attack_options`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import click
 from click.shell_completion import CompletionItem
 
 from . import cli_types as T
+from . import validate as VALIDATE
 from .errors import AdvmnistError, SkippedFileWarning
-from .names import ADVERSARIAL_METHODS, ATTACKS, ENSEMBLES, MODELS, SCHEDULES
+from .names import ADVERSARIAL_METHODS, ATTACKS, ENSEMBLES, MODELS, SCHEDULES, read_attacks
 
 
 def _terminated(signum, frame) -> None:
@@ -182,10 +185,11 @@ def models_cmd() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--limit", type=T.LIMIT, default=None, help="Train on the first N images only (quick runs).")
 @click.option("--adv", type=click.Choice(ADVERSARIAL_METHODS), default=None,
-              help="Adversarial training: PGD (Madry), FGSM with random start, plain FGSM, or TRADES.")
+              help="Adversarial training: PGD (Madry), FGSM with random start, plain FGSM, TRADES, IBP (certified), "
+                   "or another registered attack by name as the inner maximiser.")
 @click.option("--eps", type=T.EPS, default=0.3, show_default=True, help="With --adv: Linf bound.")
 @click.option("--adv-steps", type=T.POSITIVE_INT, default=40, show_default=True,
-              help="With --adv pgd/trades: inner steps.")
+              help="With --adv pgd/trades (or an attack that takes steps): inner steps.")
 @click.option("--adv-alpha", type=T.STEP_SIZE, default=None, help="With --adv: inner step size.")
 @click.option("--beta", type=T.WEIGHT, default=6.0, show_default=True, help="With --adv trades: KL weight.")
 @click.option("--monitor-eps", type=T.EPS, default=None,
@@ -230,12 +234,12 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
                     progress=not quiet and sys.stderr.isatty(), on_epoch=on_epoch,
                     epochs=epochs, lr=lr, momentum=momentum, dropout=dropout, batch_size=batch_size,
                     optimizer=optimizer, schedule=schedule)
-    from .runs import read_json
+    from .records import RunRecord, read
 
-    rec = read_json(run / "record.json")
-    click.echo(f"test accuracy {rec['test_accuracy']:.2f}% (report: {rec['reported_accuracy']:.2f}%) "
-               f"in {rec['wall_time_s']:.1f} s")
-    restored = rec["history"][-1].get("restored_epoch")
+    rec = read(run / "record.json", RunRecord)
+    click.echo(f"test accuracy {rec.test_accuracy:.2f}% (report: {rec.reported_accuracy:.2f}%) "
+               f"in {rec.wall_time_s:.1f} s")
+    restored = rec.history[-1].restored_epoch
     if restored:
         click.echo(f"kept the weights of epoch {restored}, the most robust on the monitor")
     click.echo(f"run: {run}")
@@ -351,6 +355,52 @@ def _floats(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+_OWN_OPTIONS = ("eps", "targeted", "fast")  # options of their own: an eps list, --targeted, --no-fast
+
+
+def _attack_options(command):
+    """The `attack` command's per-attack options, one for each keyword-only parameter the attacks'
+    signatures have (read without torch by `names.read_attacks`), so a new attack needs no edit here:
+    bool -> --name/--no-name, a Literal of strings -> a choice, int or float -> a number in the range
+    `advmnist/validate.py` gives the name (any finite number where it gives none). `eps` (a comma
+    list sweeps), `targeted` (--targeted with --target-map) and `fast` (--no-fast) are options of their
+    own; a generator, a callback or a function-valued parameter has none."""
+    uses: dict[str, list] = {}
+    for attack in read_attacks():
+        for p in attack.params:
+            if p.kind != "other":
+                uses.setdefault(p.name, []).append((attack.name, p))
+    options = []
+    for name, found in uses.items():
+        methods = "/".join(m for m, _ in found)
+        defaults = {repr(p.default) if isinstance(p.default, str) else str(p.default) for _, p in found}
+        default = (f"default {defaults.pop()}" if len(defaults) == 1 else
+                   "defaults: " + ", ".join(f"{m} {p.default}" for m, p in found))
+        default = default.replace("default None", "default: see the attack's docstring")
+        flag = "--" + name.replace("_", "-")
+        kinds = {p.kind for _, p in found}
+        if name == "eps":
+            options.append(click.option("--eps", callback=_floats, default=None,
+                                        help=f"{methods}: perturbation bound; a comma list sweeps ({default})."))
+        elif name == "targeted":
+            options.append(click.option("--targeted", is_flag=True, help=f"{methods}: aim at targets from --target-map."))
+        elif name in _OWN_OPTIONS:
+            continue
+        elif "choice" in kinds:
+            choices = list(dict.fromkeys(c for _, p in found for c in p.choices))
+            options.append(click.option(flag, name, type=click.Choice(choices), default=None,
+                                        help=f"{methods} ({default})."))
+        elif kinds & {"int", "float"}:
+            label, rng = VALIDATE.ATTACK_PARAMS.get(name, (name, VALIDATE.Range(integer="float" not in kinds)))
+            options.append(click.option(flag, name, type=T.Number(rng, label), default=None,
+                                        help=f"{methods} ({default})."))
+        else:  # bool
+            options.append(click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=f"{methods} ({default})."))
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command("attack")
 @click.option("--method", type=click.Choice(ATTACKS), default="penalty",
               show_default=True, help="Which attack (the attack registry).")
@@ -358,26 +408,7 @@ def _floats(ctx, param, value):
               shell_complete=_complete_run)
 @click.option("--model", "model_name", default=None, help="Attack the latest run of this model.",
               shell_complete=_complete_model)
-@click.option("--eta", type=T.Number(T.POSITIVE, "eta"), default=None, help="penalty: step size (default 0.1).")
-@click.option("--lam", type=T.Number(T.NONNEG, "lam"), default=None,
-              help="penalty: weight of the pull towards x_target (default 0.05).")
-@click.option("--steps", type=T.POSITIVE_INT, default=None, help="penalty/gd/pgd/apgd/apgd-t: number of steps.")
-@click.option("--init", type=click.Choice(["noise", "image"]), default=None, help="penalty: start point.")
-@click.option("--clamp/--no-clamp", default=None, help="penalty: keep iterates in [0, 1] (default on).")
-@click.option("--lr", type=T.Number(T.POSITIVE, "lr"), default=None, help="gd: step size (default 0.1).")
-@click.option("--eps", callback=_floats, default=None,
-              help="fgsm/pgd/apgd/apgd-t/square: perturbation bound; a comma list sweeps (default 0.3).")
-@click.option("--alpha", type=T.Number(T.POSITIVE, "alpha"), default=None,
-              help="pgd: step size (default: see `pgd`'s docstring).")
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default=None, help="pgd/apgd/apgd-t/square: threat model.")
-@click.option("--restarts", type=T.POSITIVE_INT, default=None,
-              help="pgd/apgd/apgd-t: random restarts, worst case kept per example.")
-@click.option("--loss", type=click.Choice(["ce", "dlr"]), default=None, help="apgd: loss to maximise (default ce).")
-@click.option("--targets", type=T.Number(T.Range(lo=1, hi=9, integer=True)), default=None,
-              help="apgd-t: how many top other classes to target (default 9).")
-@click.option("--queries", type=T.POSITIVE_INT, default=None, help="square: query budget (default 5000).")
-@click.option("--random-start/--no-random-start", default=None, help="pgd: start inside the ball (default on).")
-@click.option("--targeted", is_flag=True, help="fgsm/pgd: aim at targets from --target-map.")
+@_attack_options
 @click.option("--target-map", type=T.TargetMap(), default="next", show_default=True,
               help="next, prev, all, or pairs like 0:3,1:7.")
 @click.option("--per-digit", type=T.POSITIVE_INT, default=None,
@@ -391,16 +422,15 @@ def _floats(ctx, param, value):
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-fast", is_flag=True, help="Plain autograd gradients instead of the fast path (to compare).")
-def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, alpha, norm, restarts, loss, targets,
-               queries, random_start, targeted, target_map, per_digit, limit, seed, device, out, data_dir, quiet,
-               no_fast) -> None:
-    """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html."""
+def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, limit, seed, device, out, data_dir,
+               quiet, no_fast, **options) -> None:
+    """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html.
+
+    Each option below the first three belongs to the attacks named in its help: the keyword-only
+    parameters of their functions in advmnist/attacks/."""
     from .attacking import run_attack
 
-    params = {"eta": eta, "lam": lam, "steps": steps, "init": init, "clamp": clamp, "lr": lr,
-              "alpha": alpha, "norm": norm, "restarts": restarts, "random_start": random_start, "loss": loss,
-              "targets": targets, "queries": queries,
-              "fast": False if no_fast else None}
+    params = {**options, "fast": False if no_fast else None}
     if eps is not None and len(eps) == 1:
         params["eps"], eps = eps[0], None
         if params["eps"] < 0:
@@ -412,11 +442,11 @@ def attack_cmd(method, run, model_name, eta, lam, steps, init, clamp, lr, eps, a
     path = run_attack(run_dir, _load_data(data_dir), method, params=params, eps_list=eps, out=out, seed=seed,
                       per_digit=per_digit, limit=limit, target_map=target_map, targeted=targeted,
                       device=device, progress=not quiet and sys.stderr.isatty())
-    from .runs import read_json
+    from .records import read_attack_record
 
-    rec = read_json(path / "record.json")
-    click.echo(f"{rec['model']['name']} (clean test accuracy {rec['model']['clean_test_accuracy']:.2f}%), "
-               f"{method} on {rec['selection']['n']} examples, {rec['wall_time_s']:.1f} s")
+    rec = read_attack_record(path / "record.json")
+    click.echo(f"{rec.model.name} (clean test accuracy {rec.model.clean_test_accuracy:.2f}%), "
+               f"{method} on {rec.selection.n} examples, {rec.wall_time_s:.1f} s")
     click.echo(_summary_table(rec))
     click.echo(f"wrote {path}/ and {path.parent / 'index.html'}")
 
@@ -461,21 +491,21 @@ def experiment_list_cmd(directory) -> None:
         click.echo(f"{e['spec']:<40} {e['title'][:60]:<60}  {state}")
 
 
-def _summary_table(rec: dict) -> str:
+def _summary_table(rec) -> str:
+    """Per digit and overall measures of each point of an attack run (a `records.AttackRecord`)."""
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
     lines = []
-    for res in rec["results"]:
-        label = ", ".join(f"{k}={v:g}" for k, v in res["sweep_params"].items())
+    for res in rec.results:
+        label = ", ".join(f"{k}={v:g}" for k, v in res.sweep_params.items())
         if label:
             lines.append(f"[{label}]")
         lines.append(f"{'digit':>5} {'n':>5} {'fooled %':>9} {'robust %':>9} {'L2':>6} {'Linf':>6} {'conf':>5}")
-        rows = list(res["per_digit"].items()) + [("all", res["overall"])]
+        rows = list(res.per_digit.items()) + [("all", res.overall)]
         for d, s in rows:
-            lines.append(f"{d:>5} {s['n']:>5} {f(s['fooling_rate']):>9} {f(s['robust_accuracy']):>9} "
-                         f"{f(s['l2']['mean'], '.2f'):>6} {f(s['linf']['mean'], '.3f'):>6} "
-                         f"{f(s['confidence']['mean'], '.2f'):>5}")
+            lines.append(f"{d:>5} {s.n:>5} {f(s.fooling_rate):>9} {f(s.robust_accuracy):>9} "
+                         f"{f(s.l2.mean, '.2f'):>6} {f(s.linf.mean, '.3f'):>6} {f(s.confidence.mean, '.2f'):>5}")
     return "\n".join(lines)
 
 

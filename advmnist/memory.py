@@ -7,8 +7,9 @@ third of a PGD step (405 -> 250 ms at batch 1000, for autograd and the fast path
 the thresholds lets malloc reuse the memory, which is what PyTorch's CPU tuning guide gets by
 preloading jemalloc or tcmalloc.
 
-`keep_freed_memory()` is called by the attack and training loops. It changes a process-wide
-setting once and is a no-op off glibc; ADVMNIST_KEEP_MEMORY=0 turns it off (e.g. to compare).
+`keep_freed_memory()` is called by the attack and training loops when they first run, never at
+import. It changes a process-wide setting once and is a no-op off glibc; ADVMNIST_KEEP_MEMORY=0 turns
+it off (e.g. to compare).
 The cost is resident memory: the process keeps its peak heap instead of returning it.
 """
 

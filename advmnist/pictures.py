@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
@@ -112,15 +113,19 @@ def write_html(path: str | os.PathLike, title: str, body: str) -> None:
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1500px; padding: 0 1em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; font-size: 14px; }}
 th {{ background: #f3f3f3; }}
 td.l, th.l {{ text-align: left; }}
 section {{ border-top: 2px solid #ddd; padding-top: 0.5em; margin-top: 1.5em; }}
 img {{ max-width: 100%; border: 1px solid #eee; }}
-.thumbs img {{ width: 84px; image-rendering: pixelated; margin: 2px; }}
-.pics {{ display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; }}
+.pics img {{ width: auto; height: auto; }}
+.thumbs {{ display: flex; flex-wrap: wrap; gap: 6px; max-width: 760px; }}
+.thumbs img {{ width: 112px; height: 112px; image-rendering: pixelated; }}
+.thumbs figcaption {{ font-weight: normal; font-size: 13px; text-align: center; }}
+.pics {{ display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }}
+.run {{ display: flex; flex-wrap: wrap; gap: 24px; align-items: flex-start; }}
 figure {{ margin: 0; }}
 figcaption {{ font-weight: bold; font-size: 14px; }}
 code {{ background: #f6f6f6; padding: 1px 4px; }}
@@ -143,11 +148,12 @@ def digit_png(image: torch.Tensor, path: str | os.PathLike, scale: int = 10) -> 
 def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
     """Rows of (reference image, adversarial image, perturbation on a diverging map).
 
-    Each row dict: ref, adv (tensors), ref_title, adv_title, delta_title.
+    Each row dict: ref, adv (tensors), ref_title, adv_title, delta_title. 750 px wide with 10-point
+    labels: the attack index shows it at this natural size, where every label reads.
     """
     if not rows:
         return
-    fig, axes = plt.subplots(len(rows), 3, figsize=(6.0, 2.0 * len(rows) + 1.0), squeeze=False,
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows) + 1.2), squeeze=False,
                              layout="constrained")
     bound = max(float((r["adv"] - r["ref"]).abs().max()) for r in rows) or 1.0
     for ax_row, r in zip(axes, rows):
@@ -156,12 +162,12 @@ def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "
         ax_row[1].imshow(_img(r["adv"]), cmap="gray", vmin=0, vmax=1)
         im = ax_row[2].imshow(delta, cmap="RdBu_r", vmin=-bound, vmax=bound)
         for ax, key in zip(ax_row, ("ref_title", "adv_title", "delta_title")):
-            ax.set_title(r[key], fontsize=8, color=r.get(key + "_color", "black"))
+            ax.set_title(r[key], fontsize=10, color=r.get(key + "_color", "black"))
             ax.set_xticks([])
             ax.set_yticks([])
     fig.colorbar(im, ax=axes, location="bottom", shrink=0.6, aspect=35, label="perturbation: adversarial - reference")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     _save(fig, path)
 
 
@@ -223,6 +229,27 @@ def _link(base: Path, rel: str, name) -> str | None:
     return "./" + quote(target.relative_to(root).as_posix())
 
 
+_DIGIT_FILE = re.compile(r"digit_(\d)_as_(\d)\.png$")
+
+
+def _params_table(rec: dict) -> str:
+    """The run's parameters as a two-column table: the attack's keywords (those of the first point; a
+    sweep's values listed), the image selection and the seed. Every value is escaped."""
+    e = html.escape
+    results = rec["results"]
+    swept = {k: [r["sweep_params"].get(k) for r in results] for k in results[0]["sweep_params"]}
+    rows = [("method", rec["method"])]
+    rows += [(k, ", ".join(map(str, swept[k])) if k in swept else v)
+             for k, v in results[0]["params"].items() if v is not None]
+    sel = rec.get("selection") if isinstance(rec.get("selection"), dict) else {}
+    given = {k for k, _ in rows}
+    rows += [(k, sel[k]) for k in ("n", "per_digit", "limit", "targeted", "target_map")
+             if sel.get(k) is not None and k not in given]
+    rows += [("seed", rec["seed"])]
+    body = "".join(f"<tr><td class=l>{e(str(k))}</td><td class=l><code>{e(str(v))}</code></td></tr>" for k, v in rows)
+    return f"<table><tr><th class=l>parameter</th><th class=l>value</th></tr>{body}</table>"
+
+
 def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str], str]:
     """One attack run's summary rows and section. Every field is escaped and every link checked."""
     e = html.escape
@@ -232,7 +259,7 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
         if url is None:
             return ""
         attrs = (f" title='{e(name)}'" if title else "") + (f" style='{style}'" if style else "")
-        return f"<a href='{e(url)}'><img src='{e(url)}'{attrs}></a>"
+        return f"<a href='{e(url)}'><img src='{e(url)}' alt='{e(str(name))}'{attrs}></a>"
 
     model = rec["model"]
     rows = []
@@ -250,12 +277,18 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
     for res in rec["results"]:
         files = res["files"]
         label = ", ".join(f"{k}={v}" for k, v in res["sweep_params"].items())
-        gallery = a_img(files.get("gallery"), "width:300px")
-        thumbs = "".join(a_img(p, title=True) for p in list(files.get("digits", []))[:30])
-        pics.append(f"<figure><figcaption>{e(label)}</figcaption>{gallery}"
-                    f"<div class=thumbs style='max-width:300px'>{thumbs}</div></figure>")
+        gallery = a_img(files.get("gallery"))  # natural size: the labels drawn in it read
+        thumbs = []
+        for p in list(files.get("digits", []))[:30]:
+            img = a_img(p, title=True)
+            if img:
+                m = _DIGIT_FILE.search(p)
+                caption = f"{m.group(1)} as {m.group(2)}" if m else p
+                thumbs.append(f"<figure>{img}<figcaption>{e(caption)}</figcaption></figure>")
+        pics.append(f"<figure><figcaption>{e(label or 'gallery')}</figcaption>{gallery}"
+                    f"<div class=thumbs>{''.join(thumbs)}</div></figure>")
     for key in ("sweep_plot", "matrix"):
-        img = a_img((rec.get("files") or {}).get(key), "width:480px")
+        img = a_img((rec.get("files") or {}).get(key))
         if img:
             pics.insert(0, f"<figure>{img}</figure>")
     digits = rec["results"][-1]["per_digit"]
@@ -271,9 +304,10 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
         f"<section id='{anchor}'><h2>{e(rel)}</h2><p>{e(str(model['name']))} "
         f"(checkpoint <code>{e(str(model['checkpoint_sha256'])[:12])}</code>), {e(str(rec['method']))}, "
         f"seed {_cell(rec['seed'], 'd')}, {_cell(rec['wall_time_s'])} s.{record_link}</p>"
-        f"<div class=pics>{''.join(pics)}</div><h3>per digit ({e(last)})</h3>"
+        f"<div class=run><div>{_params_table(rec)}<h3>per digit ({e(last)})</h3>"
         f"<table><tr><th>digit</th><th>n</th><th>fooling rate</th><th>robust acc.</th><th>mean L2</th>"
-        f"<th>mean confidence</th></tr>{digit_rows}</table></section>")
+        f"<th>mean confidence</th></tr>{digit_rows}</table></div>"
+        f"<div class=pics>{''.join(pics)}</div></div></section>")
     return rows, section
 
 
@@ -298,7 +332,10 @@ def attack_index(records: Sequence[tuple[str, dict]], path: str | os.PathLike) -
             continue
         rows += entry_rows
         sections.append(section)
-    body = (f"<p>{len(sections)} attack run(s). Rates in %. Fooling rate: of the examples the model "
-            f"classified correctly, the share the attack fooled (targeted attacks: sent to the target).</p>"
+    body = (f"<p>{len(sections)} attack run(s), newest first. Rates in %. Fooling rate: of the examples the "
+            f"model classified correctly, the share the attack fooled (targeted attacks: sent to the target). "
+            f"Still fools as PNG: of the successful images, the share that still succeed rounded to 8-bit "
+            f"pixels. Each run below lists its parameters and shows its gallery at full size (clean or "
+            f"reference image, adversarial image and perturbation per digit, with the predictions).</p>"
             f"<table>{head}{''.join(rows)}</table>{''.join(sections)}")
     write_html(path, "advmnist attack runs", body)

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .attacks import fgsm, frozen, get_attack, gradient_fn, pgd
+from .attacks import frozen, get_attack, gradient_fn
 from .attacks.core import default_alpha
 from .errors import AdvmnistError
+from .execution import execute_attack
 from .measures import eval_mode, predict_logits
 
 
@@ -27,9 +28,10 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return predict_logits(model, x).argmax(1) == y
 
 
-def _batched(attack: Callable, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([attack(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]) \
-        if len(x) else x
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, params: dict, **how) -> float:
+    """Accuracy (%) on the images `method` makes of x (advmnist.execution.execute_attack, unmeasured)."""
+    adv = execute_attack(model, method, x, y, params=params, measure=False, **how).x_adv
+    return 100.0 * _correct(model, adv, y).float().mean().item()
 
 
 def worst_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int = 100,
@@ -48,11 +50,10 @@ def worst_case(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
 
 def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, restarts: int = 1,
                  seed: int = 0) -> float:
-    """Accuracy (%) under untargeted Linf PGD from a seeded random start."""
-    adv = _batched(lambda xb, yb: pgd(model, xb, yb, eps=eps, steps=steps, restarts=restarts,
-                                      alpha=default_alpha(eps, steps),
-                                      generator=torch.Generator().manual_seed(seed)), x, y)
-    return 100.0 * _correct(model, adv, y).float().mean().item()
+    """Accuracy (%) under untargeted Linf PGD from a seeded random start (each batch of 1000 from the
+    same seed)."""
+    return _accuracy(model, x, y, "pgd", {"eps": eps, "steps": steps, "restarts": restarts,
+                                          "alpha": default_alpha(eps, steps)}, seed=seed, reseed_each_batch=True)
 
 
 def zero_gradient_check(model: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int = 500) -> dict:
@@ -81,7 +82,7 @@ def sanity_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: fl
                        "detail": ", ".join(f"eps {e:g}: {a:.1f}%" for e, a in zip(epsilons, accs))})
         checks.append({"check": "accuracy reaches ~0 at eps = 1", "passed": accs[-1] <= 5.0,
                        "detail": f"PGD-{steps} at eps 1: {accs[-1]:.1f}% (an unbounded attack must win)"})
-        single = 100.0 * _correct(model, _batched(lambda xb, yb: fgsm(model, xb, yb, eps=eps), x, y), y).float().mean().item()
+        single = _accuracy(model, x, y, "fgsm", {"eps": eps})
         checks.append({"check": "multi-step beats single-step", "passed": accs[2] <= single + tolerance,
                        "detail": f"PGD-{steps} {accs[2]:.1f}% vs FGSM {single:.1f}%"})
         more = pgd_accuracy(model, x, y, eps, more_steps, restarts=2, seed=seed + 1)
@@ -157,18 +158,14 @@ def _run_stage(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor,
                seed: int, batch_size: int) -> torch.Tensor:
     """Whether each example is still classified correctly after the stage's attack."""
     params = dict(stage.params)
-    gen = torch.Generator().manual_seed(seed + params.pop("seed_offset", 0))
+    offset = params.pop("seed_offset", 0)
     shift = params.pop("target_shift", 0)
-    spec = get_attack(stage.attack)
-    accepted = spec.defaults()
     kw = {"eps": eps, **params}
-    if "norm" in accepted:
+    if "norm" in get_attack(stage.attack).defaults():
         kw["norm"] = norm
-    if "generator" in accepted:
-        kw["generator"] = gen
-    fn = spec.fn
-    goal = (y + shift) % 10 if shift else y
-    adv = _batched(lambda xb, yb: fn(model, xb, yb, **kw), x, goal, batch_size)
+    goal = (y + shift) % 10 if shift else y  # targeted stages: y for the attack holds the targets
+    adv = execute_attack(model, stage.attack, x, goal, params=kw, seed=seed + offset, batch_size=batch_size,
+                         measure=False).x_adv
     return _correct(model, adv, y)
 
 

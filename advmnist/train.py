@@ -21,16 +21,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import runs
-from .attacks import pgd
-from .attacks.core import frozen, gradient_fn
+from .attacks import get_attack, list_attacks
 from .data import MNIST, load_mnist
 from .devices import pick_device
 from .errors import AdvmnistError, TrainingDiverged
 from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
 from .models import SCHEDULES, Recipe, create_model, get_spec
-from .names import ADVERSARIAL_METHODS  # defined without torch, for the CLI
 from .robustness import pgd_accuracy
+
+#: Training methods with a recipe of their own; any other registered attack that is untargeted and
+#: takes an eps trains as the inner maximiser under its own name (`Adversarial.inner_attack`).
+#: `advmnist.names.ADVERSARIAL_METHODS` is the CLI's torch-free copy (tests/test_cli_fast.py).
+TRAINING_METHODS: tuple[str, ...] = ("pgd", "fgsm-rs", "fgsm", "trades", "ibp")
+ADVERSARIAL_METHODS: tuple[str, ...] = TRAINING_METHODS + tuple(
+    a for a in list_attacks() if a not in TRAINING_METHODS and not get_attack(a).always_targeted
+    and "eps" in get_attack(a).defaults())
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -76,9 +82,11 @@ class Adversarial:
 
     method: str  # "pgd" (Madry et al.), "fgsm-rs" (Wong et al.), "trades" (Zhang et al.), "ibp" (Gowal
     #              et al.: certified training on interval bounds, no inner attack), "fgsm" (no random
-    #              start: known to overfit catastrophically; kept to show the detector firing)
+    #              start: known to overfit catastrophically; kept to show the detector firing), or any
+    #              other registered untargeted attack with an eps (apgd, apgd-t, square) as the inner
+    #              maximiser, with its own defaults for what is not set here
     eps: float = 0.3  # Linf bound during training (and for the per-epoch monitor)
-    steps: int = 40  # inner steps for pgd and trades; fgsm and fgsm-rs take one
+    steps: int = 40  # inner steps for pgd, trades and attacks that take steps; fgsm and fgsm-rs take one
     alpha: float | None = None  # inner step size; None: pgd 2.5 eps/steps, fgsm-rs 1.25 eps, trades 2 eps/steps
     beta: float = 6.0  # trades: weight of the KL term
     ramp_epochs: float = 0.0  # eps grows linearly from 0 to eps over this many epochs
@@ -96,11 +104,39 @@ class Adversarial:
 
         check_fields(dataclasses.asdict(self), ADVERSARIAL, "adversarial training")  # also NaN and inf
 
-    def step_size(self) -> float:
+    def step_size(self) -> float | None:
+        """The inner step: `alpha`, else the training rule of the method's paper (None: the attack's own
+        default, for registered attacks trained by name).
+
+        PGD training keeps Madry et al.'s 2.5 eps / steps, not the evaluation default
+        `advmnist.attacks.core.default_alpha`, which floors the step at eps / 8: the floor was
+        measured for attacking at 40+ steps (see its docstring), and with it every PGD-trained run
+        (40 steps: eps / 16) would train on twice the step, so neither the recorded recipes nor the
+        numbers of existing runs would hold. FGSM-RS takes Wong et al.'s 1.25 eps, TRADES 2 eps / steps.
+        """
         if self.alpha is not None:
             return self.alpha
-        return {"pgd": 2.5 * self.eps / self.steps, "fgsm-rs": 1.25 * self.eps, "fgsm": self.eps,
-                "trades": 2.0 * self.eps / self.steps, "ibp": 0.0}[self.method]
+        rule = {"pgd": 2.5 * self.eps / self.steps, "fgsm-rs": 1.25 * self.eps, "fgsm": self.eps,
+                "trades": 2.0 * self.eps / self.steps, "ibp": 0.0}
+        return rule.get(self.method)
+
+    def inner_attack(self) -> tuple[str, dict]:
+        """The registered attack that crafts the training examples, and its keywords (eps and the
+        generator are added batch by batch): PGD for pgd, fgsm-rs and fgsm (one step, with and
+        without a random start) and for TRADES (with the KL loss to the clean prediction, added in
+        `adversarial_loss`, and TRADES' start: Gaussian noise of std 0.001); any other method is a
+        registered attack run under its own name, given steps and alpha where it takes them."""
+        alpha = self.step_size()
+        if self.method in ("pgd", "fgsm-rs", "fgsm"):
+            steps = 1 if self.method in ("fgsm", "fgsm-rs") else self.steps
+            return "pgd", {"alpha": alpha, "steps": steps, "random_start": self.method != "fgsm"}
+        if self.method == "trades":
+            return "pgd", {"alpha": alpha, "steps": self.steps, "random_start": True, "start_std": 0.001}
+        accepted = get_attack(self.method).defaults()
+        params = {"steps": self.steps} if "steps" in accepted else {}
+        if alpha is not None and "alpha" in accepted:
+            params["alpha"] = alpha
+        return self.method, params
 
     def kappa_at(self, eps: float) -> float:
         """ibp: the clean loss's weight, from 1 down to `kappa` as eps ramps up (Gowal et al. 2018)."""
@@ -114,31 +150,18 @@ class Adversarial:
         if self.method == "ibp":
             text = f"ibp training eps={self.eps:g} kappa=1->{self.kappa:g}"
             return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
-        text = f"{self.method} training eps={self.eps:g} steps={self.steps} alpha={self.step_size():g}"
+        alpha = self.step_size()
+        text = (f"{self.method} training eps={self.eps:g} steps={self.steps}"
+                + ("" if alpha is None else f" alpha={alpha:g}"))
         return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
 
 
 def _kl_from(p_nat: torch.Tensor):
+    """TRADES' inner objective (Zhang et al. 2019): per example, KL(p_nat || softmax(logits)), the
+    distance from the clean prediction p_nat; a loss for `pgd(loss=...)` that ignores the labels."""
     def kl(logits: torch.Tensor, _: torch.Tensor) -> torch.Tensor:
         return (p_nat * (p_nat.clamp_min(1e-12).log() - F.log_softmax(logits, dim=1))).sum(1)
     return kl
-
-
-def _trades_example(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
-                    generator: torch.Generator) -> torch.Tensor:
-    """TRADES' inner maximisation: the point in the eps-ball whose prediction differs most (KL),
-    by signed gradient steps on the attacks' input-gradient path (`gradient_fn`) with the KL to
-    the clean prediction as its loss."""
-    with frozen(model):
-        with torch.no_grad():
-            p_nat = F.softmax(model(x), dim=1)
-        grad_fn = gradient_fn(model, x, loss=_kl_from(p_nat))
-        lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
-        adv = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(lo, hi)
-        for _ in range(steps):
-            grad, _ = grad_fn(adv, p_nat)
-            adv = torch.clamp(adv + alpha * grad.sign_(), lo, hi)
-    return adv.detach()
 
 
 def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float):
@@ -156,19 +179,23 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
 
 
 def adversarial_loss(adv: Adversarial, generator: torch.Generator):
-    """A loss_fn for train_epoch: craft the inner attack in eval mode, then train on it."""
-    alpha = adv.step_size()
+    """A loss_fn for train_epoch: craft the inner attack (`Adversarial.inner_attack`) in eval mode,
+    then train on it."""
+    if adv.method != "ibp":
+        method, params = adv.inner_attack()
+        attack = get_attack(method)
+        if "generator" in attack.defaults():
+            params["generator"] = generator
 
     def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, eps: float):
         if adv.method == "ibp":
             return ibp_loss(model, xb, yb, eps, adv.kappa_at(eps))
         model.eval()
-        if adv.method == "trades":
-            x_adv = _trades_example(model, xb, eps, alpha, adv.steps, generator)
-        else:
-            steps = 1 if adv.method in ("fgsm", "fgsm-rs") else adv.steps
-            x_adv = pgd(model, xb, yb, eps=eps, alpha=alpha, steps=steps, random_start=adv.method != "fgsm",
-                        generator=generator)
+        extra = {}
+        if adv.method == "trades":  # ascend the KL to the clean prediction instead of the labels' loss
+            with torch.no_grad():
+                extra["loss"] = _kl_from(F.softmax(model(xb), dim=1))
+        x_adv = attack.fn(model, xb, yb, eps=eps, **params, **extra)
         model.train()
         if adv.method == "trades":
             logits = model(xb)

@@ -88,11 +88,13 @@ ADVERSARIAL: dict[str, tuple[str, Range]] = {
 }
 
 #: Attack keyword arguments shared by the attack registry (advmnist/attacks/*); others are only
-#: checked to be finite.
+#: checked to be finite. The `attack` command's options take their ranges from here.
 ATTACK_PARAMS: dict[str, tuple[str, Range]] = {
     "eps": ("eps", NONNEG), "alpha": ("alpha", POSITIVE), "steps": ("steps", COUNT),
-    "restarts": ("restarts", COUNT), "queries": ("queries", COUNT), "targets": ("targets", COUNT),
+    "restarts": ("restarts", COUNT), "queries": ("queries", COUNT), "targets": ("targets", Range(lo=1, hi=9, integer=True)),
     "eta": ("eta", POSITIVE), "lam": ("lam", NONNEG), "lr": ("lr", POSITIVE),
+    "rho": ("rho", Range(lo=0, hi=1)), "p_init": ("p_init", Range(lo=0, hi=1, lo_open=True)),
+    "start_std": ("start_std", NONNEG),
 }
 
 

@@ -203,3 +203,20 @@ def test_default_pgd_is_as_strong_as_the_usual_pgd40(model, batch):
     usual = acc(model, pgd(model, x, y, eps=0.1, steps=40, alpha=0.01, generator=torch.Generator().manual_seed(0)), y)
     default = acc(model, pgd(model, x, y, eps=0.1, steps=40, generator=torch.Generator().manual_seed(0)), y)
     assert default <= usual + 0.01  # within 2 of these 200 images
+
+
+def test_pgd_start_std_and_loss(model, batch):
+    """`start_std`: a Gaussian start close to x instead of uniform in the ball; `loss`: a name or a
+    per-example function of (logits, y) that the steps ascend."""
+    x, y = batch[0][:32], batch[1][:32]
+    gen = torch.Generator
+    near = pgd(model, x, y, eps=0.3, steps=0, start_std=0.001, generator=gen().manual_seed(0))
+    far = pgd(model, x, y, eps=0.3, steps=0, generator=gen().manual_seed(0))
+    assert (near - x).abs().max() < 0.01 < (far - x).abs().max() <= 0.3 + 1e-6
+    dlr = pgd(model, x, y, eps=0.3, steps=10, loss="dlr", generator=gen().manual_seed(0))
+    margin = pgd(model, x, y, eps=0.3, steps=10, generator=gen().manual_seed(0),
+                 loss=lambda logits, t: -logits.gather(1, t[:, None]).squeeze(1))
+    for adv in (dlr, margin):
+        assert (adv - x).abs().max() <= 0.3 + 1e-6 and acc(model, adv, y) < 0.2
+    with pytest.raises(AttackError, match="loss must be one of"):
+        pgd(model, x, y, loss="hinge")

@@ -138,3 +138,25 @@ def test_attack_errors_take_the_one_line_error_path(tmp_path):
 
     result = CliRunner().invoke(main, ["attack", "--method", "square", "--targeted", "--run", str(tmp_path)])
     assert result.exit_code == 2 and result.output.startswith("error: ") and "untargeted" in result.output
+
+
+def test_attack_signatures_read_from_source_equal_the_registry():
+    """`names.read_attacks()` reads the attacks' files with ast; the live registry must agree, and every
+    keyword-only parameter with a command-line kind is an option of `advmnist attack`."""
+    from click.testing import CliRunner
+
+    from advmnist.attacks import get_attack
+    from advmnist.cli import main
+
+    help_text = CliRunner().invoke(main, ["attack", "--help"], terminal_width=200).output
+    for info in names.read_attacks():
+        spec = get_attack(info.name)
+        defaults = spec.defaults()
+        assert info.always_targeted == spec.always_targeted
+        assert [p.name for p in info.params] == list(defaults)
+        for p in info.params:
+            if p.kind == "other":
+                continue
+            assert p.default == defaults[p.name], (info.name, p.name)
+            flag = "--no-fast" if p.name == "fast" else "--" + p.name.replace("_", "-")
+            assert flag in help_text and info.name in help_text

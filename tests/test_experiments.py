@@ -190,6 +190,24 @@ def test_runs_recorded_before_a_recipe_field_existed_are_still_found(mini):
     assert find_run(root / "runs", "lenet", recipe, record["seed"], record["n_train"], record["data_checksum"]) == run
 
 
+def test_adversarial_runs_recorded_before_a_field_existed_are_still_found(mini):
+    root, spec, page, data = mini
+    from advmnist.experiments import find_run
+    from advmnist.train import Adversarial, resolve_recipe
+    import dataclasses
+
+    (run, *_) = sorted((root / "runs").glob("lenet-*"))
+    record = json.loads((run / "record.json").read_text())
+    wanted = dataclasses.asdict(Adversarial("pgd", eps=0.1, steps=2, alpha=0.05))
+    record["adversarial"] = {k: v for k, v in wanted.items() if k not in ("kappa", "monitor_eps")}  # older runs
+    (run / "record.json").write_text(json.dumps(record))
+    recipe = dataclasses.asdict(resolve_recipe("lenet", epochs=1, lr=0.05))
+    args = ("lenet", recipe, record["seed"], record["n_train"], record["data_checksum"])
+    assert find_run(root / "runs", *args, wanted) == run
+    assert find_run(root / "runs", *args, {**wanted, "kappa": 0.25}) is None
+    assert find_run(root / "runs", *args, None) is None
+
+
 CERTIFIED = """
 title = "Miniature certified training"
 report = "test"

@@ -7,7 +7,7 @@ from advmnist import runs
 from advmnist.errors import AdvmnistError, CheckpointError
 from advmnist.measures import evaluate
 from advmnist.models import create_model
-from advmnist.train import fit, resolve_recipe, train_run
+from advmnist.train import ADVERSARIAL_METHODS, fit, resolve_recipe, train_run
 
 
 def test_one_epoch_on_a_slice_is_far_above_chance(trained_small, small):
@@ -92,3 +92,38 @@ def test_onecycle_schedule_rises_then_falls_to_zero():
     assert lrs[0] == 0.0 and lrs[-1] == 0.0 and max(lrs) == pytest.approx(0.01) and peak == 20
     assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
     assert learning_rate(resolve_recipe("strided", lr=0.01), 2.5) == 0.01  # the default stays constant
+
+
+@pytest.mark.parametrize("method", ADVERSARIAL_METHODS)
+def test_every_adversarial_method_trains_through_its_inner_attack(method, small):
+    """Every training method, and every registered attack it may name as the inner maximiser, gives a
+    finite loss whose gradient reaches every weight, and leaves the model in train mode."""
+    from advmnist.train import Adversarial, adversarial_loss
+
+    torch.manual_seed(0)
+    model = create_model("strided").train()
+    x, y = small.train_x[:16], small.train_y[:16]
+    adv = Adversarial(method, eps=0.1, steps=2)
+    adv.check()
+    loss, logits = adversarial_loss(adv, torch.Generator().manual_seed(0))(model, x, y, 0.1)
+    assert torch.isfinite(loss) and logits.shape == (16, 10) and model.training
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_trades_inner_step_is_pgd_on_the_kl_to_the_clean_prediction(small):
+    """TRADES' inner maximisation is `pgd` with the KL loss and a Gaussian start of std 0.001."""
+    import torch.nn.functional as F
+
+    from advmnist.attacks import pgd
+    from advmnist.train import Adversarial, _kl_from
+
+    adv = Adversarial("trades", eps=0.1, steps=3)
+    method, params = adv.inner_attack()
+    assert method == "pgd" and params == {"alpha": 2 * 0.1 / 3, "steps": 3, "random_start": True, "start_std": 0.001}
+    torch.manual_seed(0)
+    model = create_model("strided").eval()
+    x, y = small.test_x[:16], small.test_y[:16]
+    kl = _kl_from(F.softmax(model(x), dim=1).detach())
+    out = pgd(model, x, y, eps=0.1, loss=kl, generator=torch.Generator().manual_seed(0), **params)
+    assert (out - x).abs().max() <= 0.1 + 1e-6 and kl(model(out), y).mean() > kl(model(x), y).mean()

@@ -12,6 +12,8 @@ iterate if there is one, else the one of highest loss.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -134,7 +136,7 @@ def _restarts(run_once, x: torch.Tensor, restarts: int) -> tuple[torch.Tensor, t
 
 @register_attack()
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
-         norm: str = "linf", loss: str = "ce", restarts: int = 1, rho: float = 0.75,
+         norm: Literal["linf", "l2"] = "linf", loss: Literal["ce", "dlr"] = "ce", restarts: int = 1, rho: float = 0.75,
          generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
     """Auto-PGD (Croce & Hein 2020), untargeted: step-size free PGD with momentum, CE or DLR loss.
 
@@ -155,7 +157,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3
 
 @register_attack(name="apgd-t")
 def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
-           norm: str = "linf", targets: int = 9, restarts: int = 1, rho: float = 0.75,
+           norm: Literal["linf", "l2"] = "linf", targets: int = 9, restarts: int = 1, rho: float = 0.75,
            generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
     """Targeted Auto-PGD (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the
     `targets` classes ranked highest by the model after the true one, each on the examples no

@@ -21,6 +21,10 @@ from ..errors import AdvmnistError
 from ..memory import keep_freed_memory
 
 
+#: A per-example loss on logits: (logits (N, classes), y (N,)) -> (N,); attacks ascend its sum.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class AttackError(AdvmnistError, ValueError):
     """An invalid attack parameter or an unknown attack name (bad input, so an AdvmnistError: the
     CLI prints it as one line)."""
@@ -90,8 +94,7 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
                 b.copy_(saved)
 
 
-def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: LossFn | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the summed loss (default cross-entropy) w.r.t. the input, and the logits.
 
@@ -105,8 +108,7 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return grad, logits.detach()
 
 
-def gradient_fn(model: nn.Module, example: torch.Tensor, fast: bool = True,
-                loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+def gradient_fn(model: nn.Module, example: torch.Tensor, fast: bool = True, loss: LossFn | None = None):
     """The input-gradient function an attack uses: (x, y) -> (d sum loss / d x, logits), on the
     folded fast path where the model allows it (see `fast.py`), else autograd. `loss(logits, y)`
     gives one value per example (default cross-entropy). Call once per attack, inside `frozen(model)`."""

@@ -19,6 +19,7 @@ same backend (the tests compare them so).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -32,8 +33,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> 
 SMALL_BATCH = 100  # below this, convolutions run without oneDNN
 MIN_CHANNELS = 10  # fewest output channels for which a first conv + pool is fused (`_ConvPool`)
 
-# Toggling oneDNN also touches its TF32 setting, which warns on every CPU build; say it never.
-warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+
+@functools.cache
+def _quiet_onednn() -> None:
+    """Toggling oneDNN also touches its TF32 setting, which warns on every CPU build: silence that one
+    warning, once, when the first fast function is compiled (not at import: importing advmnist
+    changes no process-wide setting)."""
+    warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
 
 _DROPOUT = (nn.Dropout, nn.Dropout2d, nn.Dropout1d, nn.AlphaDropout, nn.Identity)
 
@@ -330,6 +336,7 @@ def logit_grad(logits: torch.Tensor, y: torch.Tensor, loss: LossFn | None = None
 
 
 def _compile(model: nn.Module, example: torch.Tensor, fuse: bool) -> list[_Op] | None:
+    _quiet_onednn()
     try:
         ops = _plan(model, example[:1], fuse)
     except (RuntimeError, ValueError):

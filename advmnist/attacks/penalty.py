@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -11,7 +13,7 @@ from .core import (AttackError, check_inputs, check_non_negative, check_positive
 
 @register_attack(always_targeted=True)
 def penalty(model: nn.Module, x_target: torch.Tensor, target: torch.Tensor, *, eta: float = 0.1,
-            lam: float = 0.05, steps: int = 10000, init: str = "noise", clamp: bool = True,
+            lam: float = 0.05, steps: int = 10000, init: Literal["noise", "image"] = "noise", clamp: bool = True,
             generator: torch.Generator | None = None, fast: bool = True, callback=None) -> torch.Tensor:
     """Gradient descent on the image towards class `target`, pulled back towards `x_target`.
 

@@ -9,6 +9,7 @@ standing, the gradient attacks were fooled: the classic sign of gradient masking
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
@@ -53,7 +54,7 @@ def _eta(s: int, generator) -> torch.Tensor:
 
 @register_attack()
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, queries: int = 5000,
-           norm: str = "linf", p_init: float = 0.8, generator: torch.Generator | None = None,
+           norm: Literal["linf", "l2"] = "linf", p_init: float = 0.8, generator: torch.Generator | None = None,
            fast: bool = True) -> torch.Tensor:
     """Square attack (Andriushchenko et al. 2020): random search over square patches, gradient-free.
 
