@@ -462,18 +462,33 @@ def experiment_group() -> None:
 @click.option("--results", type=click.Path(), default=None,
               help="Where pages go (default: results/ beside the spec).")
 @click.option("--no-train", is_flag=True, help="Train nothing; variants without runs are listed as pending.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the runs train: cpu or cuda (with --executor ray each training task asks for a GPU).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one run or attack after another in this process. ray: each training run and "
+                   "attack is a Ray task on a Ray cluster (pip install -e '.[ray]'); --out must be a path "
+                   "every node sees.")
+@click.option("--address", default=None,
+              help="With --executor ray: the cluster's address (default: $RAY_ADDRESS, else the cluster "
+                   "`ray start --head` started on this machine, else a Ray instance started here).")
+@click.option("--cpus-per-task", type=T.POSITIVE_INT, default=None,
+              help="With --executor ray: CPUs, and torch threads, of each task (default 1).")
 @data_dir_option
-def experiment_run_cmd(specs, out, results, no_train, data_dir) -> None:
+def experiment_run_cmd(specs, out, results, no_train, device, executor, address, cpus_per_task, data_dir) -> None:
     """Train what is missing, evaluate, attack, and write results/<name>.md for each SPEC."""
-    from .experiments import load_spec, run_experiment
+    from .experiments import load_spec, make_executor, run_experiment
+
+    def log(line: str) -> None:
+        click.echo(f"  {line}", err=True)
 
     for spec in specs:
         load_spec(spec)  # every spec is checked before any of them runs
-    data = _load_data(data_dir)
-    for spec in specs:
-        page = run_experiment(spec, out=out, results=results, data=data, train=not no_train,
-                              log=lambda line: click.echo(f"  {line}", err=True))
-        click.echo(f"wrote {page}")
+    with make_executor(executor, address=address, cpus_per_task=cpus_per_task, data_dir=data_dir, log=log) as ex:
+        data = _load_data(data_dir)
+        for spec in specs:
+            page = run_experiment(spec, out=out, results=results, data=data, device=device, train=not no_train,
+                                  log=log, executor=ex)
+            click.echo(f"wrote {page}")
 
 
 @experiment_group.command("list")

@@ -13,7 +13,7 @@ import pytest
 
 from advmnist import names
 
-HEAVY = ("torch", "torchvision", "matplotlib", "numpy")
+HEAVY = ("torch", "torchvision", "matplotlib", "numpy", "ray")
 SCRIPT = Path(sys.executable).parent / "advmnist"
 REPO = Path(__file__).resolve().parents[1]
 

@@ -52,3 +52,4 @@ class Outcome:
     trained: int  # runs trained by this invocation
     reused: int  # runs found finished
     wall_s: float  # this invocation's time, figures included
+    executor: str = ""  # what the page says beside the wall time about where the work ran ("": here)

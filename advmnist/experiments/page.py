@@ -39,7 +39,7 @@ def render(o: Outcome, figures: dict[str, str]) -> str:
     figures drawn; a kind that is absent was not drawn and is not linked."""
     spec, path = o.spec, o.spec_path.as_posix()
     train_s = sum(r.wall_time_s for row in o.rows for r in row.records)
-    wall = (f"{o.wall_s:.0f} s this invocation ({o.trained} run(s) trained, {o.reused} reused); "
+    wall = (f"{o.wall_s:.0f} s this invocation ({o.trained} run(s) trained, {o.reused} reused{o.executor}); "
             f"training time of the runs themselves: {train_s:.0f} s")
     lines = [f"# {spec.title}", "", spec.description.strip(), "",
              f"Spec: `{path}`. Command: `advmnist experiment run {path}`.",

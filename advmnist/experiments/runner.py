@@ -5,6 +5,12 @@ training slice and data), so a rerun of a finished experiment trains nothing; at
 results are cached in each run directory (`attack-cache/`) under the attack's parameters. Every
 attack runs through `advmnist.execution.execute_attack`. All values are computed first
 (`Outcome`), then `plots.draw` draws the figures and `page.render` writes the Markdown page.
+
+Each training run, attack cell, robust evaluation and transfer crafting is handed to an executor
+(`executors.py`) as a module-level function of picklable arguments; an attack takes the handle of
+the run it attacks. The local executor runs each at once, in this order; the Ray executor runs them
+as tasks and `wait` gathers them. The transfer matrix (every crafted batch fed to every model), the
+figures and the page are computed here, in this process, from the gathered results.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ from ..errors import AdvmnistError
 from ..execution import execute_attack, select
 from ..measures import attack_measures
 from ..models import Recipe
-from ..records import CachedAttack, Measures, RobustRecord, RunRecord, from_dict, read
+from ..records import CachedAttack, RobustRecord, RunRecord, from_dict, read
 from ..train import Adversarial, resolve_recipe, train_run
 from . import page, plots
+from .executors import Executor, Handle, LocalExecutor, known
 from .outcome import AttackColumn, Outcome, TransferMatrix, VariantRuns
-from .spec import NOT_IN_KEY, AttackEval, Robust, Spec, Variant, adversarial_of, load_spec
+from .spec import NOT_IN_KEY, AttackEval, Robust, Spec, Transfer, Variant, adversarial_of, load_spec
 
 _RECIPE_DEFAULTS = dataclasses.asdict(Recipe())  # fields added later read as their defaults in older records
 _ADVERSARIAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Adversarial)
@@ -68,11 +75,13 @@ def _cached(path: Path, compute: Callable[[], dict]) -> dict:
 
 def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: str | Path | None = None,
                    data: MNIST | None = None, device: str = "cpu", train: bool = True,
-                   log: Callable[[str], None] = lambda s: None) -> Path:
+                   log: Callable[[str], None] = lambda s: None, executor: Executor | None = None) -> Path:
     """Train what is missing, evaluate, attack, and write `<results>/<name>.md` with its plots.
 
     With `train=False` nothing is trained: variants without finished runs are listed as pending
     and left out of attacks and transfer, so a partial page can be written now and completed later.
+    `executor` (`executors.make_executor`): where the training runs and attacks run; default: in this
+    process, one after another. The page is the same whichever runs them, times aside.
     """
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)
@@ -82,16 +91,34 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     data = data if data is not None else load_mnist()
     if spec.train_limit:
         data = data.subset(spec.train_limit, None)
-    rows, pending, trained, reused = _find_or_train(spec, out, data, device, train, log)
+    out = Path(out)
+    plan = _Plan(executor if executor is not None else LocalExecutor(), data, log)
+    if not isinstance(plan.ex, LocalExecutor):
+        runs.check_output_dir(out)  # before any task is queued
+    rows, pending, trained, reused = _find_or_train(spec, out, device, train, plan)
     if not rows:
         raise AdvmnistError(f"{spec_path}: no variant has finished runs; run without --no-train first")
-    columns = _attack_columns(spec, rows, data, log)
-    robust = tuple(tuple(_robust_cached(run, data, spec.robust, seed, log) for run, seed in zip(r.runs, spec.seeds))
-                   for r in rows) if spec.robust else ()
-    curve = _robust_curve(spec, rows, data, log) if spec.robust and spec.robust.curve else ()
-    transfer = _transfer(spec, rows, data, log) if spec.transfer else None
+    columns = _attack_columns(spec, rows, plan)
+    robust = tuple(tuple(plan.robust(run, spec.robust, seed, f"{v.label}, seed {seed}")
+                         for run, seed in zip(handles, spec.seeds)) for v, handles in rows) if spec.robust else ()
+    curve = _robust_curve(spec, rows, plan) if spec.robust and spec.robust.curve else ()
+    if spec.transfer:
+        for v, handles in rows:
+            plan.craft(handles[0], spec.transfer, f"transfer crafting on {v.label}, seed {spec.seeds[0]}", v.label)
+    plan.ex.wait()  # every task has finished; TasksFailed names each that failed
+
+    found = []
+    for v, handles in rows:
+        paths = tuple(out / Path(h.result()).name for h in handles)  # as find_run names them
+        found.append(VariantRuns(v, paths, tuple(read(p / runs.RECORD, RunRecord) for p in paths)))
+    rows = tuple(found)
+    columns = tuple(dataclasses.replace(c, cells=tuple(tuple(from_dict(CachedAttack, h.result()).overall for h in row)
+                                                       for row in c.cells)) for c in columns)
+    robust = tuple(tuple(from_dict(RobustRecord, h.result()) for h in per_seed) for per_seed in robust)
+    curve = tuple(tuple(from_dict(RobustRecord, h.result()) for h in per_eps) for per_eps in curve)
+    transfer = _transfer(spec, rows, data) if spec.transfer else None
     outcome = Outcome(spec, spec_path, len(data.train_x), len(data.test_x), rows, pending, columns, robust, curve,
-                      transfer, trained, reused, wall_s=0.0)
+                      transfer, trained, reused, wall_s=0.0, executor=plan.ex.note())
     figures = plots.draw(outcome, results)
     outcome = dataclasses.replace(outcome, wall_s=time.perf_counter() - start)
     target = results / f"{spec.name}.md"
@@ -100,11 +127,61 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     return target
 
 
-def _find_or_train(spec: Spec, out, data: MNIST, device: str, train: bool, log
-                   ) -> tuple[tuple[VariantRuns, ...], tuple[Variant, ...], int, int]:
+class _Plan:
+    """Hands the runner's work to the executor: each cached result is read here when its run is
+    finished and its cache holds it, else computed by a task (once, however often it is asked for)."""
+
+    def __init__(self, ex: Executor, data: MNIST, log: Callable[[str], None]):
+        self.ex, self.data, self.log = ex, data, log
+        self._asked: dict[tuple[int, str], Handle] = {}
+
+    def _cell(self, run: Handle, name: str, usable: Callable[[dict], bool], what: str, fn, *args) -> Handle:
+        key = (id(run), name)
+        if key not in self._asked:
+            path = run.value / "attack-cache" / name if run.done else None
+            rec = runs.read_json(path) if path is not None and path.is_file() else None
+            self._asked[key] = (known(rec) if rec is not None and usable(rec)
+                                else self.ex.submit(fn, run, *args, what=what))
+        return self._asked[key]
+
+    def attack(self, run: Handle, a: AttackEval, point: dict, seed: int, what: str) -> Handle:
+        """The cached attack record (`CachedAttack` as a dict) of one cell."""
+        _, key = _attack_key(a, point, seed, self.data)
+        return self._cell(run, f"{a.method}-{_key(key)}.json", lambda rec: True, what,
+                          _attack_record, self.data, a, point, seed)
+
+    def robust(self, run: Handle, r: Robust, seed: int, what: str) -> Handle:
+        """The cached `RobustRecord` (as a dict) of one run."""
+        def usable(rec: dict) -> bool:  # else certified first (`_robust_record`)
+            return not (r.certify and rec.get("certified") is None)
+
+        return self._cell(run, _robust_name(r, seed, self.data), usable, f"robust evaluation of {what}",
+                          _robust_record, self.data, r, seed, self.ex.task_log(self.log))
+
+    def craft(self, run: Handle, t: Transfer, what: str, label: str) -> Handle:
+        """The transfer examples crafted on one run, saved in its `attack-cache/`."""
+        key = (id(run), _transfer_path(Path(), t, self.data).name)
+        if key not in self._asked:
+            if run.done and _transfer_path(run.value, t, self.data).is_file():
+                self._asked[key] = known(_transfer_path(run.value, t, self.data))
+            else:
+                self.log(f"transfer: crafting on {label}")
+                self._asked[key] = self.ex.submit(_craft, run, self.data, t, what=what)
+        return self._asked[key]
+
+
+def _train(model: str, out: Path, seed: int, device: str, data: MNIST, adversarial: Adversarial | None,
+           overrides: dict) -> Path:
+    return train_run(model, out=out, seed=seed, device=device, data=data, adversarial=adversarial, **overrides)
+
+
+def _find_or_train(spec: Spec, out: Path, device: str, train: bool, plan: _Plan
+                   ) -> tuple[tuple[tuple[Variant, tuple[Handle, ...]], ...], tuple[Variant, ...], int, int]:
     """Each variant's run per seed, reused when `runs/` holds it, else trained (or pending)."""
     trained = reused = 0
     rows, pending = [], []
+    data = plan.data
+    queued: dict[str, Handle] = {}  # trainings handed over, not yet finished: another variant may be the same run
     for v in spec.variants:
         recipe = dataclasses.asdict(resolve_recipe(v.model, **v.overrides))
         adv = adversarial_of(v)
@@ -112,25 +189,33 @@ def _find_or_train(spec: Spec, out, data: MNIST, device: str, train: bool, log
         for seed in spec.seeds:
             run = find_run(out, v.model, recipe, seed, len(data.train_x), data.checksum,
                            dataclasses.asdict(adv) if adv else None)
+            same = _key([v.model, recipe, seed, dataclasses.asdict(adv) if adv else None])
+            if run is None and same in queued:  # found by find_run once trained, as the local executor finds it
+                found.append(queued[same])
+                reused += 1
+                continue
             if run is None and not train:
                 break
             if run is None:
-                log(f"training {v.label} ({v.model}, seed {seed})")
-                run = train_run(v.model, out=out, seed=seed, device=device, data=data, adversarial=adv,
-                                **v.overrides)
+                plan.log(f"training {v.label} ({v.model}, seed {seed})")
+                queued[same] = plan.ex.submit(_train, v.model, out, seed, device, data, adv, dict(v.overrides),
+                                              what=f"training {v.label} ({v.model}), seed {seed}",
+                                              gpu=device.startswith("cuda"))
+                found.append(queued[same])
                 trained += 1
             else:
+                found.append(known(run))
                 reused += 1
-            found.append(run)
         if len(found) < len(spec.seeds):
             pending.append(v)
             continue
-        rows.append(VariantRuns(v, tuple(found), tuple(read(r / runs.RECORD, RunRecord) for r in found)))
+        rows.append((v, tuple(found)))
     return tuple(rows), tuple(pending), trained, reused
 
 
-def _attack_columns(spec: Spec, rows, data: MNIST, log) -> tuple[AttackColumn, ...]:
-    """A column per attack and point of its eps list (parameters given as lists go with the eps list)."""
+def _attack_columns(spec: Spec, rows, plan: _Plan) -> tuple[AttackColumn, ...]:
+    """A column per attack and point of its eps list (parameters given as lists go with the eps list).
+    Its cells hold the handles of the cached records until the runner has gathered them."""
     columns = []
     for group, a in enumerate(spec.attacks):
         given = a.params.get("eps", get_attack(a.method).defaults().get("eps"))
@@ -139,24 +224,29 @@ def _attack_columns(spec: Spec, rows, data: MNIST, log) -> tuple[AttackColumn, .
             label = a.label or a.method
             if isinstance(given, list):
                 label = f"{label} eps {eps:g}"
-            log(f"attack {label}")
+            plan.log(f"attack {label}")
             point = {k: v[i] for k, v in a.params.items() if isinstance(v, list)}
-            cells = tuple(tuple(_attack_cached(run, data, a, point, seed) for run, seed in zip(r.runs, spec.seeds))
-                          for r in rows)
+            cells = tuple(tuple(plan.attack(run, a, point, seed, f"attack {label} on {v.label}, seed {seed}")
+                                for run, seed in zip(handles, spec.seeds)) for v, handles in rows)
             columns.append(AttackColumn(a, group, label, None if eps is None else float(eps), cells))
     return tuple(columns)
 
 
-def _attack_cached(run: Path, data: MNIST, a: AttackEval, point: dict, seed: int) -> Measures:
-    """Overall attack measures for one run, computed once and cached in the run directory.
+def _attack_key(a: AttackEval, point: dict, seed: int, data: MNIST) -> tuple[dict, dict]:
+    """The attack's parameters at this point, and its cache key.
     `point`: this column's values of the parameters given as lists (eps and what goes with it)."""
     params = {**a.params, **point}
     if a.method == "pgd" and "alpha" not in params:  # the key holds the step used, not "the default of the day"
         params["alpha"] = default_alpha(params.get("eps", 0.3), params.get("steps", 40))
-    key = {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
-    rec = _cached(run / "attack-cache" / f"{a.method}-{_key(key)}.json",
-                  lambda: {**key, **_attack(run, data, a, params, seed)})
-    return from_dict(CachedAttack, rec).overall
+    return params, {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
+
+
+def _attack_record(run: Path, data: MNIST, a: AttackEval, point: dict, seed: int) -> dict:
+    """Overall attack measures for one run (a `CachedAttack` record), computed once and cached in the
+    run directory."""
+    params, key = _attack_key(a, point, seed, data)
+    return _cached(run / "attack-cache" / f"{a.method}-{_key(key)}.json",
+                   lambda: {**key, **_attack(run, data, a, params, seed)})
 
 
 def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int) -> dict:
@@ -170,8 +260,14 @@ def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int) -> d
     return {"overall": done.measures["overall"], "seconds": done.seconds}
 
 
-def _robust_cached(run: Path, data: MNIST, r: Robust, seed: int, log) -> RobustRecord:
-    """`evaluate --robust` for one run, computed once and cached in the run directory."""
+def _robust_name(r: Robust, seed: int, data: MNIST) -> str:
+    key = {k: v for k, v in dataclasses.asdict(r).items() if k not in NOT_IN_KEY}
+    return f"robust-{_key({**key, 'seed': seed, 'data': data.checksum})}.json"
+
+
+def _robust_record(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
+    """`evaluate --robust` for one run (a `RobustRecord` record), computed once and cached in the run
+    directory."""
     from ..evaluation import robust_evaluate_run
 
     def compute() -> dict:
@@ -181,13 +277,12 @@ def _robust_cached(run: Path, data: MNIST, r: Robust, seed: int, log) -> RobustR
                                    alone=r.alone, limit=r.limit or None, check_n=r.check_n, certify=r.certify,
                                    seed=seed, log=lambda m: log(f"  {m}"))
 
-    key = {k: v for k, v in dataclasses.asdict(r).items() if k not in NOT_IN_KEY}
-    path = run / "attack-cache" / f"robust-{_key({**key, 'seed': seed, 'data': data.checksum})}.json"
+    path = run / "attack-cache" / _robust_name(r, seed, data)
     rec = _cached(path, compute)
     if r.certify and rec.get("certified") is None:  # cached before certification existed: add it now
         rec = _add_certificate(run, data, rec, log)
         runs.write_json(path, rec)
-    return from_dict(RobustRecord, rec)
+    return rec
 
 
 def _add_certificate(run: Path, data: MNIST, rec: dict, log) -> dict:
@@ -210,32 +305,42 @@ def _add_certificate(run: Path, data: MNIST, rec: dict, log) -> dict:
             "interval": [certificate.get("certified_accuracy"), rec["robust_accuracy"]]}
 
 
-def _robust_curve(spec: Spec, rows, data: MNIST, log) -> tuple[tuple[RobustRecord, ...], ...]:
+def _robust_curve(spec: Spec, rows, plan: _Plan) -> tuple[tuple[Handle, ...], ...]:
     """Per variant (first seed): the robust evaluation at every eps of the curve and the main eps."""
     r = spec.robust
     eps_values = sorted(set(r.curve) | {r.eps})
-    return tuple(tuple(_robust_cached(row.runs[0], data, dataclasses.replace(r, eps=e, limit=r.curve_limit or r.limit),
-                                      spec.seeds[0], log) for e in eps_values) for row in rows)
+    return tuple(tuple(plan.robust(handles[0], dataclasses.replace(r, eps=e, limit=r.curve_limit or r.limit),
+                                   spec.seeds[0], f"{v.label}, seed {spec.seeds[0]}, eps {e:g}")
+                       for e in eps_values) for v, handles in rows)
 
 
-def _transfer(spec: Spec, rows, data: MNIST, log) -> TransferMatrix:
-    """Adversarial examples crafted on each variant's model (first seed), cached in its run directory;
-    their fooling rate (`attack_measures`) on every model."""
+def _transfer_path(run: Path, t: Transfer, data: MNIST) -> Path:
+    key = _key({"transfer": t.method, "params": t.params, "limit": t.limit, "data": data.checksum})
+    return run / "attack-cache" / f"transfer-{key}.pt"
+
+
+def _craft(run: Path, data: MNIST, t: Transfer) -> Path:
+    """Adversarial examples crafted on the run's model, cached in its run directory."""
+    cache = _transfer_path(run, t, data)
+    if not cache.is_file():
+        source = runs.load_checkpoint(run)[0]
+        x, y = data.test_x[: t.limit], data.test_y[: t.limit]
+        x_adv = execute_attack(source, t.method, x, y, params=t.params, seed=0, measure=False).x_adv
+        cache.parent.mkdir(exist_ok=True)
+        with runs.atomic_path(cache) as tmp:
+            torch.save(x_adv, tmp)
+    return cache
+
+
+def _transfer(spec: Spec, rows, data: MNIST) -> TransferMatrix:
+    """The examples crafted on each variant's model (first seed; `_craft`), their fooling rate
+    (`attack_measures`) on every model."""
     t = spec.transfer
     models = [(row.variant.label, row.runs[0], runs.load_checkpoint(row.runs[0])[0]) for row in rows]
     x, y = data.test_x[: t.limit], data.test_y[: t.limit]
     matrix = []
-    for label, run, source in models:
-        key = _key({"transfer": t.method, "params": t.params, "limit": t.limit, "data": data.checksum})
-        cache = run / "attack-cache" / f"transfer-{key}.pt"
-        if cache.is_file():
-            x_adv = torch.load(cache, weights_only=True)
-        else:
-            log(f"transfer: crafting on {label}")
-            x_adv = execute_attack(source, t.method, x, y, params=t.params, seed=0, measure=False).x_adv
-            cache.parent.mkdir(exist_ok=True)
-            with runs.atomic_path(cache) as tmp:
-                torch.save(x_adv, tmp)
+    for _, run, _ in models:
+        x_adv = torch.load(_transfer_path(run, t, data), weights_only=True)
         matrix.append(tuple(attack_measures(target, x, y, x_adv)["overall"]["fooling_rate"] or 0.0
                             for _, _, target in models))
     return TransferMatrix(t, tuple(label for label, _, _ in models), tuple(matrix))
