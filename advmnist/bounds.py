@@ -314,11 +314,12 @@ def _neuron_bounds(layers: list[Layer], top: int, relus: dict, box, memory: int)
 
 
 def certified_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
-                      method: str = "auto", batch_size: int = 500, budget: int = 2 * 10 ** 7) -> tuple[torch.Tensor, str]:
+                      method: str = "auto", batch_size: int = 500, budget: int = 10 ** 6) -> tuple[torch.Tensor, str]:
     """The best available lower margin bounds (N, 9) and the method that gave them.
 
     `method`: "ibp", "crown", "crown-ibp" or "auto" (IBP, and CROWN where the model has no max
-    pooling, with CROWN intermediate bounds when `crown_cost` is below `budget` per example, else
+    pooling, with CROWN intermediate bounds when `crown_cost` is below `budget` per example (only
+    tiny nets: full CROWN costs hundreds of forward passes on the zoo's, see benchmarks/results.md), else
     IBP's; the elementwise best of the bounds computed).
     """
     layers = bound_layers(model, x)

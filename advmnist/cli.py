@@ -286,13 +286,16 @@ def _names(ctx, param, value):
               help="With --robust: the first N test images (0: all 10,000).")
 @click.option("--check-n", type=T.POSITIVE_INT, default=1000, show_default=True,
               help="With --robust: images for the masking checks.")
+@click.option("--bound", type=click.Choice(["auto", "ibp", "crown-ibp", "crown"]), default="auto", show_default=True,
+              help="With --robust: the certified bound; auto = IBP and, without max pooling, CROWN-IBP (full CROWN "
+                   "is tighter and costs hundreds of forward passes).")
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="With --robust: also certified accuracy (IBP/CROWN lower bound), so the true value is an interval.")
 @trust_option
 @out_option
 @data_dir_option
 def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, steps, restarts, queries, alone, limit,
-                 check_n, certify, out, data_dir) -> None:
+                 check_n, certify, bound, out, data_dir) -> None:
     """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run."""
     from .evaluation import evaluate_run, robust_evaluate_run
 
@@ -301,7 +304,7 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
     if robust:
         rr = robust_evaluate_run(run_dir, data, eps=eps, norm=norm, ensemble=ensemble, attacks=attacks, steps=steps,
                                  restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
-                                 certify=certify,
+                                 certify=certify, bound=bound,
                                  log=lambda line: click.echo(f"  {line}", err=True))
         click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at {norm} eps {eps:g} "
                    f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over the {ensemble} ensemble, "

@@ -81,7 +81,7 @@ def train_adversarial_accuracy(record: dict, eps: float, norm: str = "linf") -> 
 
 
 def certify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
-                     log=lambda s: None) -> tuple[dict, torch.Tensor | None]:
+                     log=lambda s: None, method: str = "auto") -> tuple[dict, torch.Tensor | None]:
     """Certified robust accuracy (%) by the best bound the model allows (`bounds.certified_margins`)
     and the per-example certificate mask; a record saying why when the model cannot be bounded."""
     from .bounds import BoundError, certified, certified_margins
@@ -91,7 +91,7 @@ def certify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     start = time.perf_counter()
     try:
         with eval_mode(model):
-            margins, method = certified_margins(model, x, y, eps)
+            margins, method = certified_margins(model, x, y, eps, method=method)
     except BoundError as exc:
         return {"skipped": str(exc)}, None
     mask = certified(margins)
@@ -112,7 +112,8 @@ def check_soundness(certified_mask: torch.Tensor, robust_mask: torch.Tensor, eps
 def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, ensemble: str = "standard",
                         attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
                         queries: int | None = None, norm: str = "linf", limit: int | None = 1000,
-                        check_n: int = 1000, alone: bool = False, certify: bool = True, seed: int = 0,
+                        check_n: int = 1000, alone: bool = False, certify: bool = True, bound: str = "auto",
+                        seed: int = 0,
                         log=lambda s: None) -> dict:
     """Robust accuracy as an interval for a run: certified (IBP/CROWN lower bound) <= true <= attacked
     (worst case per example over an attack ensemble), plus the masking checks; writes
@@ -131,7 +132,7 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     model, ckpt = runs.load_checkpoint(run_dir)
     n = len(data.test_y) if not limit else min(limit, len(data.test_y))
     x, y = data.test_x[:n], data.test_y[:n]
-    certificate, cert_mask = certify_examples(model, x, y, eps, norm, log) if certify else (None, None)
+    certificate, cert_mask = certify_examples(model, x, y, eps, norm, log, bound) if certify else (None, None)
     m = min(check_n, n)
     proven = None
     if cert_mask is not None:  # certified images need no attack; the first check_n are attacked anyway, as a check
