@@ -86,6 +86,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
                     adv = project(adv + sign * alpha * grad / l2_norm(grad).clamp_min(1e-12), x, eps).clamp(0, 1)
                 if callback is not None:
                     callback(step, adv)
+            if restarts == 1:  # nothing to compare: spare the scoring forward pass (adversarial training)
+                return adv.detach()
             if loss_fn is None:
                 value, logits = per_example_loss(model, adv, y)
             else:  # the restarts compare the loss the steps ascended
