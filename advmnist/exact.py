@@ -14,6 +14,7 @@ this is for small nets: the `mlp`, small CNNs, test-sized models. Max pooling is
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -57,23 +58,11 @@ def _dense(layers: list[Layer], start: int, stop: int) -> tuple[np.ndarray, np.n
         raise BoundError(f"exact verification is for small nets: layers {layers[start].name}..{layers[stop - 1].name} "
                          f"form a {n_out}x{n_in} matrix")
 
-    def run(h: torch.Tensor) -> torch.Tensor:
-        for layer in layers[start:stop]:
-            h = layer.module(h)
-        return h.flatten(1)
-
-    with torch.no_grad():
+    segment = copy.deepcopy(nn.Sequential(*[layer.module for layer in layers[start:stop]])).double()
+    with torch.no_grad():  # composed in float64 on a copy: the caller's model keeps its dtype
         basis = torch.eye(n_in, dtype=torch.float64).view(n_in, *in_shape)
-        zero = torch.zeros(1, *in_shape, dtype=torch.float64)
-        mods = [layer.module for layer in layers[start:stop]]
-        for m in mods:
-            m.double()  # compose in float64; float32 -> float64 -> float32 is exact
-        try:
-            b = run(zero)[0]
-            w = (run(basis) - b).T
-        finally:
-            for m in mods:
-                m.float()
+        b = segment(torch.zeros(1, *in_shape, dtype=torch.float64)).flatten(1)[0]
+        w = (segment(basis).flatten(1) - b).T
     return w.numpy(), b.numpy()
 
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-RESULTS = Path(__file__).parent / "results.md"
 BEGIN, END = "<!-- adv_train.py: begin -->", "<!-- adv_train.py: end -->"
 EPS, STEPS, ALPHA, BETA = 0.3, 10, 0.04, 6.0
 
@@ -69,7 +68,7 @@ def main() -> None:
     from advmnist.models import create_model
     from advmnist.train import Adversarial, adversarial_loss, train_epoch
 
-    from bench import cpu_name, git_commit
+    from bench import machine_line, write_section  # this folder's bench.py
 
     data = load_mnist()
     n = args.batches * 100
@@ -97,9 +96,8 @@ def main() -> None:
             rows.append({"model": name, "method": method, "plain": plain, "ours": ours})
             print(rows[-1], flush=True)
     lines = [BEGIN, "## Adversarial training throughput: against a plain PyTorch loop", "",
-             f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit "
-             f"`{git_commit()}`. Command: `python benchmarks/adv_train.py {' '.join(sys.argv[1:])}` "
-             f"({time.perf_counter() - started:.0f} s in all). {n} training images ({args.batches} batches of 100), "
+             machine_line("adv_train.py", sys.argv[1:], time.perf_counter() - started) + " "
+             f"{n} training images ({args.batches} batches of 100), "
              f"eps {EPS}, {STEPS} inner steps of {ALPHA}, Adam 1e-3; median of {args.repeats} alternating runs "
              "in one process. Images per second of adversarial training (inner attack + optimizer step).", "",
              "| model | training | plain PyTorch loop (img/s) | advmnist (img/s) | speed-up |",
@@ -114,10 +112,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        old = RESULTS.read_text()
-        if BEGIN in old:
-            old = old[:old.index(BEGIN)] + old[old.index(END) + len(END):].lstrip("\n")
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

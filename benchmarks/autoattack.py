@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results.md"
 BEGIN, END = "<!-- autoattack.py: begin -->", "<!-- autoattack.py: end -->"
 
 
@@ -133,10 +132,9 @@ def main() -> None:
     text = render(rows, sys.argv[1:], time.perf_counter() - started)
     print(text)
     if not args.no_write:
-        old = RESULTS.read_text()
-        if BEGIN in old:
-            old = old[:old.index(BEGIN)] + old[old.index(END) + len(END):].lstrip("\n")
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        from bench import write_section
+
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

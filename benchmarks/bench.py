@@ -321,6 +321,22 @@ def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
+def machine_line(script: str, argv: list[str], seconds: float) -> str:
+    """The header every results section starts with: machine, threads, torch, commit, command, time."""
+    import torch
+
+    return (f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit "
+            f"`{git_commit()}`. Command: `python benchmarks/{script} {' '.join(argv)}` ({seconds:.0f} s in all).")
+
+
+def write_section(text: str, begin: str, end: str, results: Path = Path(__file__).parent / "results.md") -> None:
+    """Replace (or append) the part of results.md between a script's begin/end markers with `text`."""
+    old = results.read_text()
+    if begin in old:
+        old = old[:old.index(begin)] + old[old.index(end) + len(end):].lstrip("\n")
+    results.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
 def render(rows: list[dict], argv: list[str], started: float) -> str:
     cpu, commit = cpu_name(), git_commit()
     lines = ["# advmnist benchmarks", "",

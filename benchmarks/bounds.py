@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results.md"
 BEGIN, END = "<!-- bounds.py: begin -->", "<!-- bounds.py: end -->"
 
 
@@ -43,7 +42,7 @@ def main() -> None:
     from advmnist.data import load_mnist
     from advmnist.models import create_model, list_models
 
-    from bench import cpu_name, git_commit  # this folder's bench.py: the same machine line
+    from bench import machine_line, write_section  # this folder's bench.py
 
     data = load_mnist()
     x, y = data.test_x[:args.n], data.test_y[:args.n]
@@ -68,9 +67,8 @@ def main() -> None:
         return f"{r[key]:.2f} ({r[key] / r['forward']:.0f}x)" if key in r else "max pooling: –"
 
     lines = [BEGIN, "## Certified bounds: cost against a forward pass", "",
-             f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit "
-             f"`{git_commit()}`. Command: `python benchmarks/bounds.py {' '.join(sys.argv[1:])}` "
-             f"({time.perf_counter() - started:.0f} s in all). Seconds for the first {len(x)} test images at Linf eps "
+             machine_line("bounds.py", sys.argv[1:], time.perf_counter() - started) + " "
+             f"Seconds for the first {len(x)} test images at Linf eps "
              f"{args.eps:g}, batch 500, in one process (in brackets: times a plain forward pass). Full CROWN ran "
              f"on the first {args.crown_n} images, scaled to {len(x)}.", "",
              "| model | forward (s) | IBP (s) | CROWN-IBP (s) | CROWN (s) | CROWN coefficients per image |",
@@ -88,10 +86,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        old = RESULTS.read_text()
-        if BEGIN in old:
-            old = old[:old.index(BEGIN)] + old[old.index(END) + len(END):].lstrip("\n")
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":

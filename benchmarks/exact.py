@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).parent / "results.md"
 BEGIN, END = "<!-- exact.py: begin -->", "<!-- exact.py: end -->"
 
 
@@ -52,7 +51,7 @@ def main() -> None:
     from advmnist.robustness import ensemble_stages, run_ensemble
     from advmnist.train import fit
 
-    from bench import cpu_name, git_commit
+    from bench import machine_line, write_section  # this folder's bench.py
 
     data = load_mnist()
     x, y = data.test_x[:args.n], data.test_y[:args.n]
@@ -99,9 +98,8 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     lines = [BEGIN, "## Certified, exact and attacked robust accuracy on small nets", "",
-             f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit "
-             f"`{git_commit()}`. Command: `python benchmarks/exact.py {' '.join(sys.argv[1:])}` "
-             f"({time.perf_counter() - started:.0f} s in all, training included). First {args.n} test images, "
+             machine_line("exact.py", sys.argv[1:], time.perf_counter() - started) + " "
+             f"(Training included.) First {args.n} test images, "
              f"Linf eps {args.eps:g}. Certified: full CROWN; exact: MILP (scipy/HiGHS, "
              f"{args.time_limit:g} s per image) on the images the bounds leave open; attacked: the standard "
              "ensemble (APGD-CE, APGD-T, Square). Counts of images; the true number of robust images lies "
@@ -119,10 +117,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        old = RESULTS.read_text()
-        if BEGIN in old:
-            old = old[:old.index(BEGIN)] + old[old.index(END) + len(END):].lstrip("\n")
-        RESULTS.write_text(old.rstrip("\n") + "\n\n" + text)
+        write_section(text, BEGIN, END)
 
 
 if __name__ == "__main__":
