@@ -17,6 +17,9 @@ from torch import nn
 from .core import (AttackError, check_inputs, check_non_negative, check_norm, frozen, l2_norm, logits_fn, rand_like,
                    register_attack)
 from .losses import margin
+from .windowed import WindowedLogits
+
+WINDOWED_SHARE = 16  # windows of at most 1/16 of the image are evaluated from cached activations
 
 
 def _p_schedule(it: int, queries: int, p_init: float) -> float:
@@ -62,7 +65,9 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
     random square window (side sqrt(p * pixels), p halved on a fixed schedule) and keeps the change
     where the margin z_y - max_{i != y} z_i drops. An example stops once misclassified. y are the
     true labels; `queries` counts the iterations after the first evaluation. Only forward passes:
-    the model's outputs are all it reads.
+    the model's outputs are all it reads. With `fast`, once the windows are small (at most 1/16 of
+    the image, most of the budget) each query recomputes only the activations its window reaches
+    (`windowed.py`); an example is declared broken only after a whole forward pass agrees.
     """
     check_inputs(x, y)
     check_non_negative(eps=eps, queries=queries)
@@ -84,6 +89,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
         xs, ys, xb, mb = x[idx], y[idx], best[idx], m[idx]
         if norm == "linf":
             lo, hi = (xs - eps).clamp(min=0), (xs + eps).clamp(max=1)
+        windowed = None
         for it in range(int(queries)):
             if not len(idx):
                 break
@@ -91,22 +97,42 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
             if norm == "linf":
                 s = min(max(int(round(math.sqrt(p * h * w))), 1), h - 1)
                 vh, vw = _randint(h - s + 1, generator), _randint(w - s + 1, generator)
-                cand = xb.clone()
-                cand[:, :, vh:vh + s, vw:vw + s] += 2 * eps * _signs((len(xs), c, 1, 1), generator, x)
-                cand = torch.clamp(cand, lo, hi)
+                win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
+                patch = torch.clamp(xb[win] + 2 * eps * _signs((len(xs), c, 1, 1), generator, x), lo[win], hi[win])
+                if windowed is None and fast and s * s * WINDOWED_SHARE <= h * w:
+                    windowed = WindowedLogits.build(model, x[:1]) or False
+                    if windowed:
+                        windowed.start(xb)
+                if windowed:
+                    logits, proposal = windowed.propose(patch, vh, vw)
+                else:
+                    cand = xb.clone()
+                    cand[win] = patch
+                    logits = f(cand)
+                mc = margin(logits, ys)
+                better = mc < mb
+                if windowed:
+                    windowed.accept(proposal, better)
+                xb[win] = torch.where(better.view(-1, 1, 1, 1), patch, xb[win])
             else:
                 cand = _l2_step(xs, xb, eps, p, generator)
-            mc = margin(f(cand), ys)
-            better = mc < mb
-            xb = torch.where(better.view(-1, 1, 1, 1), cand, xb)
+                mc = margin(f(cand), ys)
+                better = mc < mb
+                xb = torch.where(better.view(-1, 1, 1, 1), cand, xb)
             mb = torch.where(better, mc, mb)
             broken = mb <= 0
+            if broken.any() and windowed:  # the windowed logits carry rounding: confirm with a whole pass
+                exact = margin(f(xb[broken]), ys[broken])
+                mb[broken] = exact
+                broken = mb <= 0
             if broken.any():
                 out[idx[broken]] = xb[broken]
                 keep = ~broken
                 idx, xs, ys, xb, mb = idx[keep], xs[keep], ys[keep], xb[keep], mb[keep]
                 if norm == "linf":
                     lo, hi = lo[keep], hi[keep]
+                if windowed:
+                    windowed.keep(keep)
         out[idx] = xb
     return out.detach()
 
