@@ -330,11 +330,14 @@ def machine_line(script: str, argv: list[str], seconds: float) -> str:
 
 
 def write_section(text: str, begin: str, end: str, results: Path = Path(__file__).parent / "results.md") -> None:
-    """Replace (or append) the part of results.md between a script's begin/end markers with `text`."""
+    """Replace the part of results.md between a script's begin/end markers with `text`, in place (the
+    hand-written notes around it stay where they are); append it when the markers are not there yet."""
     old = results.read_text()
     if begin in old:
-        old = old[:old.index(begin)] + old[old.index(end) + len(end):].lstrip("\n")
-    results.write_text(old.rstrip("\n") + "\n\n" + text)
+        before, after = old[:old.index(begin)], old[old.index(end) + len(end):].lstrip("\n")
+        results.write_text(before + text.rstrip("\n") + "\n" + ("\n" + after if after else ""))
+    else:
+        results.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def render(rows: list[dict], argv: list[str], started: float) -> str:

@@ -89,20 +89,25 @@ def _plot_interval(o: Outcome, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.4))
+    lowest = 100.0
     for i, (row, recs) in enumerate(zip(o.rows, o.curve)):
         label, style = row.variant.label, _line_style(i)
         eps = [0.0] + [x.eps for x in recs]
         attacked = [recs[0].clean_accuracy] + [x.robust_accuracy for x in recs]
         cert = [x.certified.certified_accuracy if x.certified is not None else None for x in recs]
         ax.plot(eps, attacked, ms=3, label=f"{label}: attacked", **style)
+        lowest = min([lowest] + attacked)
         if all(c is not None for c in cert):
             lower = [recs[0].clean_accuracy] + cert
+            lowest = min([lowest] + lower)
             ax.plot(eps, lower, ms=3, alpha=0.8, label=f"{label}: certified", **{**style, "linestyle": "--"})
             ax.fill_between(eps, lower, attacked, color=style.get("color"), alpha=0.15)
-    ax.set(xlabel="epsilon (Linf)", ylabel="accuracy (%)", ylim=(-2, 102),
+    # a band of a few points is invisible on 0-100: zoom in when every value is high
+    bottom = -2.0 if lowest < 50 else max(-2.0, lowest - max(2.0, 0.15 * (100 - lowest)))
+    ax.set(xlabel="epsilon (Linf)", ylabel="accuracy (%)", ylim=(bottom, 100.5),
            title="Robust accuracy: the truth lies in the shaded band")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the band fills the plot
     pictures._save(fig, path)
 
 
