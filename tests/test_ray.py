@@ -21,49 +21,33 @@ from advmnist.cli import main
 
 pytestmark = pytest.mark.ray
 
-MINI = """
-title = "Miniature for the executors"
+def _spec(title: str, seeds: str, second: str) -> str:
+    """A miniature spec: an MLP variant, a second variant, one FGSM attack column."""
+    return f"""
+title = "{title}"
 report = "test"
-seeds = [0, 1]
+seeds = {seeds}
 train_limit = 600
 
 [[variant]]
 label = "MLP"
 model = "mlp"
-overrides = { epochs = 1 }
+overrides = {{ epochs = 1 }}
 
 [[variant]]
-label = "LeNet"
-model = "lenet"
-overrides = { epochs = 1, lr = 0.05 }
+{second}
 
 [[attack]]
 method = "fgsm"
-params = { eps = 0.1 }
+params = {{ eps = 0.1 }}
 limit = 100
 """
 
-FAILING = """
-title = "Miniature with a variant whose training fails"
-report = "test"
-seeds = [0]
-train_limit = 600
 
-[[variant]]
-label = "MLP"
-model = "mlp"
-overrides = { epochs = 1 }
-
-[[variant]]
-label = "diverges"
-model = "mlp"
-overrides = { epochs = 1, lr = {lr} }
-
-[[attack]]
-method = "fgsm"
-params = { eps = 0.1 }
-limit = 100
-"""
+MINI = _spec("Miniature for the executors", "[0, 1]",
+             'label = "LeNet"\nmodel = "lenet"\noverrides = { epochs = 1, lr = 0.05 }')
+FAILING = _spec("Miniature with a variant whose training fails", "[0]",
+                'label = "diverges"\nmodel = "mlp"\noverrides = { epochs = 1, lr = {lr} }')
 
 #: Fields of a training record that differ between any two runs of the same work.
 VARYING = ("run", "finished", "wall_time_s")
