@@ -274,7 +274,8 @@ def _names(ctx, param, value):
 @click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True,
               help="With --robust: threat model.")
 @click.option("--ensemble", type=click.Choice(ENSEMBLES), default="standard", show_default=True,
-              help="With --robust: standard = APGD-CE, APGD-T, Square (AutoAttack's); quick = fewer steps and "
+              help="With --robust: standard = APGD-CE, APGD-T, Square at AutoAttack's budgets; autoattack = "
+                   "the same with FAB-T (AutoAttack's standard version in full); quick = fewer steps and "
                    "queries; pgd = FGSM, PGD restarts, targeted PGD.")
 @click.option("--attacks", callback=_names, default=None,
               help="With --robust: only these attacks of the ensemble, e.g. apgd-ce,square.")

@@ -110,4 +110,4 @@ ADVERSARIAL_METHODS: tuple[str, ...] = _TRAINING_METHODS + tuple(
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
 
 # the keys of advmnist.robustness.ENSEMBLES
-ENSEMBLES: tuple[str, ...] = ("standard", "quick", "pgd")
+ENSEMBLES: tuple[str, ...] = ("standard", "autoattack", "quick", "pgd")

@@ -94,7 +94,8 @@ ATTACK_PARAMS: dict[str, tuple[str, Range]] = {
     "restarts": ("restarts", COUNT), "queries": ("queries", COUNT), "targets": ("targets", Range(lo=1, hi=9, integer=True)),
     "eta": ("eta", POSITIVE), "lam": ("lam", NONNEG), "lr": ("lr", POSITIVE),
     "rho": ("rho", Range(lo=0, hi=1)), "p_init": ("p_init", Range(lo=0, hi=1, lo_open=True)),
-    "start_std": ("start_std", NONNEG),
+    "start_std": ("start_std", NONNEG), "alpha_max": ("alpha_max", Range(lo=0, hi=1)),
+    "beta": ("beta", Range(lo=0, hi=1, lo_open=True, hi_open=True)),
 }
 
 

@@ -173,7 +173,8 @@ def test_cli_attack_with_the_new_methods(tmp_path):
     assert result.exit_code == 0, result.output
     for args in (["--method", "apgd", "--steps", "10", "--loss", "dlr"],
                  ["--method", "apgd-t", "--steps", "5", "--targets", "2"],
-                 ["--method", "square", "--queries", "50", "--norm", "l2", "--eps", "2"]):
+                 ["--method", "square", "--queries", "50", "--norm", "l2", "--eps", "2"],
+                 ["--method", "fab-t", "--steps", "5", "--targets", "2", "--alpha-max", "0.05"]):
         result = runner.invoke(main, ["attack", *args, "--limit", "50", "--out", out, "--quiet"])
         assert result.exit_code == 0, result.output
         assert "fooled %" in result.output

@@ -12,6 +12,7 @@ from .penalty import penalty
 from .pgd import pgd
 from .apgd import apgd, apgd_t
 from .square import square
+from .fab import fab_t
 
 __all__ = ["AttackError", "AttackSpec", "frozen", "get_attack", "gradient_fn", "input_grad", "list_attacks",
-           "logits_fn", "register_attack", "fgsm", "gd", "penalty", "pgd", "apgd", "apgd_t", "square"]
+           "logits_fn", "register_attack", "fgsm", "gd", "penalty", "pgd", "apgd", "apgd_t", "square", "fab_t"]

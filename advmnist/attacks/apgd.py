@@ -17,8 +17,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .core import (AttackError, check_inputs, check_non_negative, check_norm, frozen, gradient_fn, l2_norm,
-                   rand_like, randn_like, register_attack)
+from .core import (AttackError, check_inputs, check_non_negative, check_norm, clean_logits, frozen, gradient_fn,
+                   l2_norm, over_restarts, over_targets, rand_like, randn_like, register_attack)
 from .losses import LOSSES, targeted_dlr_loss
 
 
@@ -119,21 +119,6 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
     return out, fooled
 
 
-def _restarts(run_once, x: torch.Tensor, restarts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `run_once(sel)` up to `restarts` times, each on the examples no earlier run fooled;
-    returns (x_adv, fooled)."""
-    result = x.clone()
-    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(restarts):
-        sel = (~fooled).nonzero().flatten()
-        if not len(sel):
-            break
-        adv, hit = run_once(sel)
-        result[sel] = adv
-        fooled[sel] = hit
-    return result, fooled
-
-
 @register_attack()
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
          norm: Literal["linf", "l2"] = "linf", loss: Literal["ce", "dlr"] = "ce", restarts: int = 1, rho: float = 0.75,
@@ -151,8 +136,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3
     loss_fn = LOSSES[loss]
     with frozen(model):
         grad_fn = gradient_fn(model, x[:1], fast, loss=None if loss == "ce" else loss_fn)
-        return _restarts(lambda sel: _run(grad_fn, loss_fn, x[sel], y[sel], y[sel], eps=eps, steps=steps, norm=norm,
-                                          rho=rho, generator=generator), x, restarts)[0].detach()
+        return over_restarts(lambda sel: _run(grad_fn, loss_fn, x[sel], y[sel], y[sel], eps=eps, steps=steps,
+                                              norm=norm, rho=rho, generator=generator), x, restarts)[0].detach()
 
 
 @register_attack(name="apgd-t")
@@ -171,22 +156,13 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
         raise AttackError(f"targets must be in [1, 9], got {targets}")
     with frozen(model):
         grad_fn = gradient_fn(model, x[:1], fast, loss=targeted_dlr_loss)
-        with torch.no_grad():
-            logits = model(x) if len(x) else torch.zeros(0, 10, device=x.device)
-        ranked = logits.argsort(1, descending=True)
-        result = x.clone()
-        fooled = logits.argmax(1) != y
-        for k in range(1, min(targets, logits.shape[1] - 1) + 1):
-            sel = (~fooled).nonzero().flatten()
-            if not len(sel):
-                break
-            xs, ys = x[sel], y[sel]
-            pair = torch.stack([ys, ranked[sel, k]], 1)
-            adv, hit = _restarts(lambda s: _run(grad_fn, targeted_dlr_loss, xs[s], pair[s], ys[s], eps=eps,
+        logits = clean_logits(model, x)
+
+        def one_target(xs, ys, pair):
+            return over_restarts(lambda s: _run(grad_fn, targeted_dlr_loss, xs[s], pair[s], ys[s], eps=eps,
                                                 steps=steps, norm=norm, rho=rho, generator=generator), xs, restarts)
-            result[sel] = torch.where(hit.view(-1, 1, 1, 1), adv, result[sel])
-            fooled[sel] = hit
-        return result.detach()
+
+        return over_targets(one_target, x, y, logits, targets).detach()
 
 
 __all__ = ["apgd", "apgd_t"]

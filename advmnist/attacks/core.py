@@ -140,6 +140,45 @@ def logits_fn(model: nn.Module, example: torch.Tensor, fast: bool = True) -> Cal
     return plain
 
 
+def over_restarts(run_once: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+                  restarts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `run_once(sel)` -> (x_adv, fooled) up to `restarts` times, each on the examples no earlier
+    run fooled; returns (x_adv, fooled) for all of x."""
+    result = x.clone()
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        sel = (~fooled).nonzero().flatten()
+        if not len(sel):
+            break
+        adv, hit = run_once(sel)
+        result[sel] = adv
+        fooled[sel] = hit
+    return result, fooled
+
+
+def clean_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x) if len(x) else torch.zeros(0, 10, device=x.device)
+
+
+def over_targets(run_target, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, targets: int) -> torch.Tensor:
+    """The targeted attacks' outer loop (AutoAttack's APGD-T and FAB-T): for k = 1..targets, attack
+    the examples no earlier target broke towards the class the clean logits rank k-th (0-th: the
+    top one); `run_target(xs, ys, pair)` -> (x_adv, fooled), pair = (label, target) per row."""
+    ranked = logits.argsort(1, descending=True)
+    result = x.clone()
+    fooled = logits.argmax(1) != y
+    for k in range(1, min(targets, logits.shape[1] - 1) + 1):
+        sel = (~fooled).nonzero().flatten()
+        if not len(sel):
+            break
+        xs, ys = x[sel], y[sel]
+        adv, hit = run_target(xs, ys, torch.stack([ys, ranked[sel, k]], 1))
+        result[sel] = torch.where(hit.view(-1, 1, 1, 1), adv, result[sel])
+        fooled[sel] = hit
+    return result
+
+
 def per_example_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         logits = model(x)
