@@ -8,6 +8,12 @@ p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)) halves the step and restarts fr
 wherever the loss rose in fewer than rho = 0.75 of the steps since the last checkpoint, or neither
 the step nor the best loss changed. Every example keeps its best point: the first misclassified
 iterate if there is one, else the one of highest loss.
+
+The first window counts its first step as a rise where its loss is above zero, not above the
+starting point's, as AutoAttack's reference code does (its history of losses starts at zeros): a
+DLR loss is negative until the example breaks, so the step is halved after the first window. At 100
+steps that changes nothing measured; at 10 it is what makes APGD-T and APGD-DLR as strong as the
+reference's (`benchmarks/results.md`, the oracle table).
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
     adv_old = adv.clone()
     k = max(int(0.22 * steps), 1)
     size_decr, k_min = max(int(0.03 * steps), 1), max(int(0.06 * steps), 1)
-    since, prev_loss, rises = 0, loss.clone(), torch.zeros(n, device=x.device)
+    since, prev_loss, rises = 0, torch.zeros_like(loss), torch.zeros(n, device=x.device)
     best_at_check, reduced = loss_best.clone(), torch.zeros(n, dtype=torch.bool, device=x.device)
     for i in range(int(steps)):
         momentum = adv - adv_old
