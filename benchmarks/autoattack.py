@@ -1,7 +1,7 @@
 """advmnist's `evaluate --robust` ensemble against torchattacks' AutoAttack: agreement and speed.
 
     pip install -e ".[bench]"
-    python benchmarks/autoattack.py --case plain=RUN_DIR:0.1 --case adversarial=RUN_DIR:0.3 [--n 1000]
+    python benchmarks/autoattack.py --case plain=RUN_DIR:0.1 --case adversarial=RUN_DIR:0.3 [--n 1000] [--only standard]
 
 For each case (a training run and a Linf eps), on the first N test images and the same weights:
   torchattacks  torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard",
@@ -18,13 +18,12 @@ Writes the table into benchmarks/results.md between this script's markers (kept 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
-from pathlib import Path
+
+import cases
 
 BEGIN, END = "<!-- autoattack.py: begin -->", "<!-- autoattack.py: end -->"
 
@@ -69,14 +68,6 @@ def work_advmnist(run: str, eps: float, n: int, ensemble: str = "standard", step
 WORKERS = {"torchattacks": work_torchattacks, "advmnist": work_advmnist}
 
 
-def worker(job: str, **kw) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"job": job, **kw})],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"worker {job} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 # (label, ensemble, steps) of each advmnist evaluation measured against torchattacks
 VARIANTS = (("advmnist standard: APGD-CE, APGD-T, Square (100 steps)", "standard", None),
             ("advmnist autoattack: APGD-CE, APGD-T, FAB-T, Square (100 steps)", "autoattack", None),
@@ -101,26 +92,24 @@ def render(rows: list[dict], argv: list[str], seconds: float) -> str:
              "seconds | torchattacks' time / this |",
              "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        t, first = r["ta"], r["ours"][0]
+        t, first = r["ta"], r["ours"][0][1]
         head = f"| {r['case']} | {first['model']} ({first['sha256']}) | {r['eps']:g} | {r['n']} | {first['clean']:.1f} |"
         lines.append(f"{head} torchattacks AutoAttack | {t['robust']:.1f} | | {t['seconds']:.1f} | 1.00x |")
-        for (label, _, _), a in zip(VARIANTS, r["ours"]):
+        for label, a in r["ours"]:
             lines.append(f"| | | | | | {label} | {a['robust']:.1f} | {a['robust'] - t['robust']:+.1f} | "
                          f"{a['seconds']:.1f} | {t['seconds'] / a['seconds']:.2f}x |")
     lines += ["", "Cumulative robust accuracy after each attack of advmnist's ensembles (seconds):", ""]
     for r in rows:
-        for (label, _, _), a in zip(VARIANTS, r["ours"]):
+        for label, a in r["ours"]:
             steps = "; ".join(f"{name} {acc:.1f}% ({s:.0f} s)" for name, acc, s in a["per_attack"])
             lines.append(f"- {r['case']}, {label.removeprefix('advmnist ')}: {steps}")
     return "\n".join(lines + ["", END]) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", action="append", default=[], help="NAME=RUN_DIR:EPS")
-    ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap = cases.arguments(__doc__.split("\n")[0], n=1000)
+    ap.add_argument("--only", choices=sorted({v[1] for v in VARIANTS}),
+                    help="only the advmnist evaluations with this ensemble (a quicker check of new weights)")
     args = ap.parse_args()
     if args.worker:
         kw = json.loads(args.worker)
@@ -129,21 +118,17 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     for case in args.case:
-        name, rest = case.split("=", 1)
-        run, eps = rest.rsplit(":", 1)
-        ta = worker("torchattacks", run=run, eps=float(eps), n=args.n)
+        name, run, eps = cases.split(case)
+        ta = cases.worker(__file__, job="torchattacks", run=run, eps=eps, n=args.n)
         print(f"{name}: torchattacks {ta['robust']:.1f}% in {ta['seconds']:.1f} s", flush=True)
         ours = []
         for label, ensemble, steps in VARIANTS:
-            ours.append(worker("advmnist", run=run, eps=float(eps), n=args.n, ensemble=ensemble, steps=steps))
-            print(f"{name}: {label} {ours[-1]['robust']:.1f}% in {ours[-1]['seconds']:.1f} s", flush=True)
-        rows.append({"case": name, "eps": float(eps), "n": args.n, "ours": ours, "ta": ta})
-    text = render(rows, sys.argv[1:], time.perf_counter() - started)
-    print(text)
-    if not args.no_write:
-        from bench import write_section
-
-        write_section(text, BEGIN, END)
+            if args.only in (None, ensemble):
+                ours.append((label, cases.worker(__file__, job="advmnist", run=run, eps=eps, n=args.n,
+                                                 ensemble=ensemble, steps=steps)))
+                print(f"{name}: {label} {ours[-1][1]['robust']:.1f}% in {ours[-1][1]['seconds']:.1f} s", flush=True)
+        rows.append({"case": name, "eps": eps, "n": args.n, "ours": ours, "ta": ta})
+    cases.publish(render(rows, sys.argv[1:], time.perf_counter() - started), BEGIN, END, not args.no_write)
 
 
 if __name__ == "__main__":

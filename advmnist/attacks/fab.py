@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from .core import (AttackError, check_inputs, check_non_negative, check_norm, clean_logits, frozen, gradient_fn,
-                   over_restarts, over_targets, rand_like, randn_like, register_attack)
+                   logits_fn, over_restarts, over_targets, rand_like, randn_like, register_attack)
 
 
 def _size(d: torch.Tensor, norm: str) -> torch.Tensor:
@@ -44,7 +45,11 @@ def project_onto_hyperplane(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, n
     else:
         a = w * w
         r = torch.where(a > 0, room / w.abs().clamp_min(1e-30), torch.zeros_like(room))
-    r_sorted, order = r.sort(1)
+    if r.device.type == "cpu":  # numpy's vectorised argsort: about 1.6x torch.sort on rows of 784 here
+        order = torch.from_numpy(np.argsort(r.numpy(), axis=1))
+        r_sorted = r.gather(1, order)
+    else:
+        r_sorted, order = r.sort(1)
     a_sorted = a.gather(1, order)
     a_below = a_sorted.cumsum(1)
     ar_below = (a_sorted * r_sorted).cumsum(1)
@@ -67,38 +72,34 @@ def _logit_gap(logits: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, pair[:, 1:]).squeeze(1) - logits.gather(1, pair[:, :1]).squeeze(1)
 
 
-def _run(grad_fn, x0: torch.Tensor, pair: torch.Tensor, *, eps: float, steps: int, norm: str, alpha_max: float,
-         eta: float, beta: float, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(grad_fn, logits_fn, x0: torch.Tensor, pair: torch.Tensor, *, eps: float, steps: int, norm: str,
+         alpha_max: float, eta: float, beta: float, start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One FAB run towards pair[:, 1] from `start`; returns (x_adv, fooled): the smallest adversarial
-    point found where it lies within eps, else x0."""
+    point found where it lies within eps, else x0. Each step costs one forward and backward pass to
+    linearise and one forward pass to check the new point, as in the reference implementation."""
     n = len(x0)
     out, fooled = x0.clone(), torch.zeros(n, dtype=torch.bool, device=x0.device)
-    idx, x1, y = torch.arange(n, device=x0.device), start.clone(), pair[:, 0]
-    for i in range(steps + 1):
+    idx, x1 = torch.arange(n, device=x0.device), start.clone()
+    for _ in range(steps):
         grad, logits = grad_fn(x1, pair)
-        adv = logits.argmax(1) != y
-        if adv.any():
-            within = adv & (_size(x1 - x0, norm) <= eps)
-            out[idx[within]], fooled[idx[within]] = x1[within], True
-            keep = ~within
-            idx, x0, x1, pair, y, adv = idx[keep], x0[keep], x1[keep], pair[keep], y[keep], adv[keep]
-            grad, logits = grad[keep], logits[keep]
-            if adv.any():  # beyond eps: step back towards the clean image and take the gradient there
-                x1 = torch.where(adv.view(-1, 1, 1, 1), x0 + beta * (x1 - x0), x1)
-                sub = adv.nonzero().flatten()
-                grad[sub], logits[sub] = grad_fn(x1[sub], pair[sub])
-        if i == steps or not len(idx):
-            break
         gap = _logit_gap(logits, pair)
-        m = len(idx)
-        g = grad.flatten(1)
-        c_from_x1 = -gap
+        m, g = len(idx), grad.flatten(1)
         c_from_x0 = -gap - (g * (x0 - x1).flatten(1)).sum(1)
         d = project_onto_hyperplane(torch.cat([x1.flatten(1), x0.flatten(1)]), torch.cat([g, g]),
-                                    torch.cat([c_from_x1, c_from_x0]), norm).view(2 * m, *x0.shape[1:])
+                                    torch.cat([-gap, c_from_x0]), norm).view(2 * m, *x0.shape[1:])
         size = _size(d, norm).clamp_min(1e-8).view(-1, 1, 1, 1)
         alpha = (size[:m] / (size[:m] + size[m:])).clamp(0, alpha_max)
         x1 = ((x1 + eta * d[:m]) * (1 - alpha) + (x0 + eta * d[m:]) * alpha).clamp(0, 1)
+        adv = logits_fn(x1).argmax(1) != pair[:, 0]
+        if not adv.any():
+            continue
+        within = adv & (_size(x1 - x0, norm) <= eps)
+        out[idx[within]], fooled[idx[within]] = x1[within], True
+        keep = ~within
+        idx, x0, x1, pair, adv = idx[keep], x0[keep], x1[keep], pair[keep], adv[keep]
+        if not len(idx):
+            break
+        x1 = torch.where(adv.view(-1, 1, 1, 1), x0 + beta * (x1 - x0), x1)  # beyond eps: back towards x0
     return out, fooled
 
 
@@ -130,7 +131,7 @@ def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.
     if not (0 <= alpha_max <= 1 and eta >= 1 and 0 < beta < 1):
         raise AttackError(f"need 0 <= alpha_max <= 1, eta >= 1 and 0 < beta < 1; got {alpha_max}, {eta}, {beta}")
     with frozen(model):
-        grad_fn = gradient_fn(model, x[:1], fast, loss=_logit_gap)
+        grad_fn, forward = gradient_fn(model, x[:1], fast, loss=_logit_gap), logits_fn(model, x[:1], fast)
         logits = clean_logits(model, x)
 
         def one_target(xs, ys, pair):
@@ -139,7 +140,7 @@ def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.
             def run_once(s):
                 start = xs[s] if first[0] else _random_start(xs[s], eps, norm, generator)
                 first[0] = False
-                return _run(grad_fn, xs[s], pair[s], eps=eps, steps=steps, norm=norm, alpha_max=alpha_max, eta=eta,
+                return _run(grad_fn, forward, xs[s], pair[s], eps=eps, steps=steps, norm=norm, alpha_max=alpha_max, eta=eta,
                             beta=beta, start=start)
 
             return over_restarts(run_once, xs, restarts)
