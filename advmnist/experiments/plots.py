@@ -51,7 +51,10 @@ def _plot_histories(o: Outcome, path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=o.spec.title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(ax.get_lines()) > 4:  # a long legend would cover the curves: put it below the axes
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    else:
+        ax.legend(fontsize=8)
     pictures._save(fig, path)
 
 
