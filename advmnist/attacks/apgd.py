@@ -166,7 +166,7 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
 
         def one_target(xs, ys, pair):
             return over_restarts(lambda s: _run(grad_fn, targeted_dlr_loss, xs[s], pair[s], ys[s], eps=eps,
-                                                steps=steps, norm=norm, rho=rho, generator=generator), xs, restarts)
+                                                    steps=steps, norm=norm, rho=rho, generator=generator), xs, restarts)
 
         return over_targets(one_target, x, y, logits, targets).detach()
 

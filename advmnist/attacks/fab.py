@@ -13,6 +13,7 @@ point within eps is found (AutoAttack would go on shrinking it; the verdict at e
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
@@ -135,11 +136,10 @@ def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.
         logits = clean_logits(model, x)
 
         def one_target(xs, ys, pair):
-            first = [True]
+            restart = itertools.count()
 
             def run_once(s):
-                start = xs[s] if first[0] else _random_start(xs[s], eps, norm, generator)
-                first[0] = False
+                start = xs[s] if next(restart) == 0 else _random_start(xs[s], eps, norm, generator)
                 return _run(grad_fn, forward, xs[s], pair[s], eps=eps, steps=steps, norm=norm, alpha_max=alpha_max, eta=eta,
                             beta=beta, start=start)
 
