@@ -9,7 +9,7 @@ from advmnist.measures import attack_measures, predict_logits
 
 QUICK = {"penalty": {"steps": 30}, "gd": {"steps": 30}, "fgsm": {"eps": 0.1}, "pgd": {"eps": 0.1, "steps": 5},
          "apgd": {"eps": 0.1, "steps": 5}, "apgd-t": {"eps": 0.1, "steps": 5, "targets": 2},
-         "square": {"eps": 0.1, "queries": 30}}
+         "square": {"eps": 0.1, "queries": 30}, "fab-t": {"eps": 0.1, "steps": 5, "targets": 2}}
 
 
 def acc(model, x, y):
