@@ -19,7 +19,6 @@ Writes the table into benchmarks/results.md between this script's markers (kept 
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 
@@ -28,22 +27,12 @@ import cases
 BEGIN, END = "<!-- autoattack.py: begin -->", "<!-- autoattack.py: end -->"
 
 
-def _load(run: str, n: int):
-    import torch
-
-    from advmnist.data import load_mnist
-    from advmnist.runs import load_checkpoint
-
-    model, ckpt = load_checkpoint(run)
-    model.eval()
-    data = load_mnist()
-    return model, ckpt, data.test_x[:n], data.test_y[:n], torch
-
-
 def work_torchattacks(run: str, eps: float, n: int) -> dict:
     import torchattacks
 
-    model, ckpt, x, y, torch = _load(run, n)
+    import torch
+
+    model, ckpt, x, y = cases.load(run, n)
     start = time.perf_counter()
     adv = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)(x, y)
     seconds = time.perf_counter() - start
@@ -56,7 +45,7 @@ def work_torchattacks(run: str, eps: float, n: int) -> dict:
 def work_advmnist(run: str, eps: float, n: int, ensemble: str = "standard", steps: int | None = None) -> dict:
     from advmnist.robustness import ensemble_stages, run_ensemble
 
-    model, ckpt, x, y, torch = _load(run, n)
+    model, ckpt, x, y = cases.load(run, n)
     start = time.perf_counter()
     res = run_ensemble(model, x, y, eps=eps, stages=ensemble_stages(ensemble, steps=steps))
     seconds = time.perf_counter() - start
@@ -75,14 +64,11 @@ VARIANTS = (("advmnist standard: APGD-CE, APGD-T, Square (100 steps)", "standard
 
 
 def render(rows: list[dict], argv: list[str], seconds: float) -> str:
-    import torch
-    from bench import cpu_name, git_commit  # this folder's bench.py: the same machine line
+    from bench import machine_line  # this folder's bench.py: the same machine line
 
-    cpu, commit = cpu_name(), git_commit()
     lines = [BEGIN, "## The robust evaluation against torchattacks' AutoAttack (agreement and speed)", "",
-             f"Machine: {cpu}, {torch.get_num_threads()} threads; torch {torch.__version__}; torchattacks "
-             f"{rows[0]['ta']['torchattacks']}; commit `{commit}`. Command: `python benchmarks/autoattack.py "
-             f"{shlex.join(argv)}` ({seconds:.0f} s in all). Same weights, the first N test images, Linf. "
+             machine_line("autoattack.py", argv, seconds) + f" torchattacks {rows[0]['ta']['torchattacks']}. "
+             "Same weights, the first N test images, Linf. "
              "torchattacks: `AutoAttack(model, norm=\"Linf\", eps=eps, version=\"standard\", n_classes=10, seed=0)` "
              "(APGD-CE, APGD-T, FAB-T, Square 5000 queries; its APGD, APGD-T and FAB run 10 steps by default, "
              "not the paper's 100). advmnist: `evaluate --robust` with `--ensemble standard` (the default), "

@@ -29,6 +29,7 @@ import gzip
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -326,7 +327,7 @@ def machine_line(script: str, argv: list[str], seconds: float) -> str:
     import torch
 
     return (f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit "
-            f"`{git_commit()}`. Command: `python benchmarks/{script} {' '.join(argv)}` ({seconds:.0f} s in all).")
+            f"`{git_commit()}`. Command: `python benchmarks/{script} {shlex.join(argv)}` ({seconds:.0f} s in all).")
 
 
 def write_section(text: str, begin: str, end: str, results: Path = Path(__file__).parent / "results.md") -> None:

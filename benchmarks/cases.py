@@ -20,6 +20,17 @@ def arguments(description: str, n: int) -> argparse.ArgumentParser:
     return ap
 
 
+def load(run: str, n: int):
+    """(model in eval mode, its checkpoint record, the first n test images, their labels)."""
+    from advmnist.data import load_mnist
+    from advmnist.runs import load_checkpoint
+
+    model, ckpt = load_checkpoint(run)
+    model.eval()
+    data = load_mnist()
+    return model, ckpt, data.test_x[:n], data.test_y[:n]
+
+
 def split(case: str) -> tuple[str, str, float]:
     name, rest = case.split("=", 1)
     run, eps = rest.rsplit(":", 1)

@@ -20,7 +20,6 @@ benchmarks/results.md between this script's markers.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 
@@ -57,13 +56,7 @@ def _advmnist(name: str, eps: float, steps: int):
 def work(side: str, attack: str, run: str, eps: float, n: int, steps: int) -> dict:
     import torch
 
-    from advmnist.data import load_mnist
-    from advmnist.runs import load_checkpoint
-
-    model, ckpt = load_checkpoint(run)
-    model.eval()
-    data = load_mnist()
-    x, y = data.test_x[:n], data.test_y[:n]
+    model, ckpt, x, y = cases.load(run, n)
     start = time.perf_counter()
     if side == "torchattacks":
         adv = _torchattacks(attack, model, eps, steps)(x, y)
@@ -81,13 +74,10 @@ def work(side: str, attack: str, run: str, eps: float, n: int, steps: int) -> di
 
 
 def render(rows: list[dict], argv: list[str], seconds: float) -> str:
-    import torch
-    from bench import cpu_name, git_commit  # this folder's bench.py: the same machine line
+    from bench import machine_line  # this folder's bench.py: the same machine line
 
     lines = [BEGIN, "## Each attack alone against torchattacks (the oracle check)", "",
-             f"Machine: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}; commit "
-             f"`{git_commit()}`. Command: `python benchmarks/oracle.py {shlex.join(argv)}` ({seconds:.0f} s in all). "
-             "Same weights, the first N test images, Linf, one restart, seed 0; the counterparts are listed in "
+             machine_line("oracle.py", argv, seconds) + " Same weights, the first N test images, Linf, one restart, seed 0; the counterparts are listed in "
              "the script's docstring. Robust accuracy counts an example broken only within eps.", "",
              "| case | model (sha256) | eps | N | attack | steps / queries | torchattacks (%) | advmnist (%) | "
              "broken by one side only | median Linf of the broken (torchattacks / advmnist) | torchattacks (s) | "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .core import (AttackError, check_inputs, check_non_negative, check_norm, clean_logits, frozen, gradient_fn,
-                   l2_norm, over_restarts, over_targets, rand_like, randn_like, register_attack)
+                   l2_norm, over_restarts, over_targets, register_attack, sphere_start)
 from .losses import LOSSES, targeted_dlr_loss
 
 
@@ -33,14 +33,6 @@ def _check(eps: float, steps: int, norm: str, restarts: int) -> None:
     check_norm(norm)
     if restarts < 1:
         raise AttackError(f"restarts must be >= 1, got {restarts}")
-
-
-def _start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
-    if norm == "linf":
-        t = 2 * rand_like(x, generator) - 1
-        return (x + eps * t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1)).clamp(0, 1)
-    t = randn_like(x, generator)
-    return (x + eps * t / l2_norm(t).clamp_min(1e-12)).clamp(0, 1)
 
 
 def _project_l2(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,7 +57,7 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
     x0, y0, lab = x, y, label
     if norm == "linf":
         lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
-    adv = _start(x0, eps, norm, generator)
+    adv = sphere_start(x0, eps, norm, generator)
     grad, logits = grad_fn(adv, y0)
     loss = loss_fn(logits, y0)
     ok = logits.argmax(1) == lab

@@ -236,6 +236,16 @@ def check_non_negative(**values: float) -> None:
             raise AttackError(f"{name} must be >= 0, got {value}")
 
 
+def sphere_start(x: torch.Tensor, radius: float, norm: str, generator: torch.Generator | None) -> torch.Tensor:
+    """A random start at Linf or L2 distance `radius` from x (uniform, resp. Gaussian, direction),
+    clipped to [0, 1]: APGD's start at eps, FAB's restarts at eps / 2 (as in AutoAttack)."""
+    if norm == "linf":
+        t = 2 * rand_like(x, generator) - 1
+        return (x + radius * t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1)).clamp(0, 1)
+    t = randn_like(x, generator)
+    return (x + radius * t / l2_norm(t).clamp_min(1e-12)).clamp(0, 1)
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Normal noise drawn on the CPU, so a seed gives the same noise on every device."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .core import (AttackError, check_inputs, check_non_negative, check_norm, clean_logits, frozen, gradient_fn,
-                   logits_fn, over_restarts, over_targets, rand_like, randn_like, register_attack)
+                   logits_fn, over_restarts, over_targets, register_attack, sphere_start)
 
 
 def _size(d: torch.Tensor, norm: str) -> torch.Tensor:
@@ -104,12 +104,6 @@ def _run(grad_fn, logits_fn, x0: torch.Tensor, pair: torch.Tensor, *, eps: float
     return out, fooled
 
 
-def _random_start(x: torch.Tensor, eps: float, norm: str, generator) -> torch.Tensor:
-    """AutoAttack's restart point: half-way to the eps sphere in a random direction."""
-    t = 2 * rand_like(x, generator) - 1 if norm == "linf" else randn_like(x, generator)
-    return (x + 0.5 * eps * t / _size(t, norm).clamp_min(1e-12).view(-1, 1, 1, 1)).clamp(0, 1)
-
-
 @register_attack(name="fab-t")
 def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
           norm: Literal["linf", "l2"] = "linf", targets: int = 9, restarts: int = 1, alpha_max: float = 0.1,
@@ -139,7 +133,7 @@ def fab_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.
             restart = itertools.count()
 
             def run_once(s):
-                start = xs[s] if next(restart) == 0 else _random_start(xs[s], eps, norm, generator)
+                start = xs[s] if next(restart) == 0 else sphere_start(xs[s], eps / 2, norm, generator)
                 return _run(grad_fn, forward, xs[s], pair[s], eps=eps, steps=steps, norm=norm, alpha_max=alpha_max, eta=eta,
                             beta=beta, start=start)
 

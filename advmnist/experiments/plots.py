@@ -35,6 +35,11 @@ def _line_style(i: int) -> dict:
     return {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "marker": "o" if i < 10 else "s"}
 
 
+def _legend(ax, below: bool) -> None:
+    """Below the axes where it would cover the data (a long legend, or a band that fills the plot)."""
+    ax.legend(fontsize=8, **({"loc": "upper center", "bbox_to_anchor": (0.5, -0.14)} if below else {}))
+
+
 def _plot_histories(o: Outcome, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -51,10 +56,7 @@ def _plot_histories(o: Outcome, path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=o.spec.title)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    if len(ax.get_lines()) > 4:  # a long legend would cover the curves: put it below the axes
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
-    else:
-        ax.legend(fontsize=8)
+    _legend(ax, below=len(ax.get_lines()) > 4)
     pictures._save(fig, path)
 
 
@@ -110,7 +112,7 @@ def _plot_interval(o: Outcome, path: Path) -> None:
     ax.set(xlabel="epsilon (Linf)", ylabel="accuracy (%)", ylim=(bottom, 100.5),
            title="Robust accuracy: the truth lies in the shaded band")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the band fills the plot
+    _legend(ax, below=True)
     pictures._save(fig, path)
 
 
