@@ -94,12 +94,15 @@ class Adversarial:
     monitor: int = 500  # first test images whose PGD accuracy is recorded after each epoch
     monitor_steps: int = 20  # PGD steps of that monitor
     monitor_eps: float | None = None  # eps of the monitor; None: the training eps
+    uniform_start: bool = False  # trades: start uniformly in the eps ball, as PGD does, not 0.001 away
 
     def check(self) -> None:
         if self.method not in ADVERSARIAL_METHODS:
             raise AdvmnistError(f"unknown adversarial training {self.method!r}; use {', '.join(ADVERSARIAL_METHODS)}")
         if self.eps < 0 or self.steps < 1 or (self.alpha is not None and self.alpha <= 0):
             raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
+        if not isinstance(self.uniform_start, bool):
+            raise AdvmnistError(f"uniform_start must be true or false, got {self.uniform_start!r}")
         from .validate import ADVERSARIAL, check_fields
 
         check_fields(dataclasses.asdict(self), ADVERSARIAL, "adversarial training")  # also NaN and inf
@@ -124,14 +127,16 @@ class Adversarial:
         """The registered attack that crafts the training examples, and its keywords (eps and the
         generator are added batch by batch): PGD for pgd, fgsm-rs and fgsm (one step, with and
         without a random start) and for TRADES (with the KL loss to the clean prediction, added in
-        `adversarial_loss`, and TRADES' start: Gaussian noise of std 0.001); any other method is a
+        `adversarial_loss`, and TRADES' start: Gaussian noise of std 0.001, or with
+        `uniform_start` a uniform point of the ball); any other method is a
         registered attack run under its own name, given steps and alpha where it takes them."""
         alpha = self.step_size()
         if self.method in ("pgd", "fgsm-rs", "fgsm"):
             steps = 1 if self.method in ("fgsm", "fgsm-rs") else self.steps
             return "pgd", {"alpha": alpha, "steps": steps, "random_start": self.method != "fgsm"}
         if self.method == "trades":
-            return "pgd", {"alpha": alpha, "steps": self.steps, "random_start": True, "start_std": 0.001}
+            start = {} if self.uniform_start else {"start_std": 0.001}
+            return "pgd", {"alpha": alpha, "steps": self.steps, "random_start": True, **start}
         accepted = get_attack(self.method).defaults()
         params = {"steps": self.steps} if "steps" in accepted else {}
         if alpha is not None and "alpha" in accepted:
@@ -152,7 +157,8 @@ class Adversarial:
             return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
         alpha = self.step_size()
         text = (f"{self.method} training eps={self.eps:g} steps={self.steps}"
-                + ("" if alpha is None else f" alpha={alpha:g}"))
+                + ("" if alpha is None else f" alpha={alpha:g}")
+                + (" uniform start" if self.uniform_start and self.method == "trades" else ""))
         return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
 
 

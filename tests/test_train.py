@@ -127,3 +127,25 @@ def test_trades_inner_step_is_pgd_on_the_kl_to_the_clean_prediction(small):
     kl = _kl_from(F.softmax(model(x), dim=1).detach())
     out = pgd(model, x, y, eps=0.1, loss=kl, generator=torch.Generator().manual_seed(0), **params)
     assert (out - x).abs().max() <= 0.1 + 1e-6 and kl(model(out), y).mean() > kl(model(x), y).mean()
+
+
+def test_trades_uniform_start_begins_anywhere_in_the_ball(small):
+    """`uniform_start` gives TRADES' inner attack PGD's start (uniform in the ball) instead of one
+    0.001 away: with no steps taken, the start is far from x yet inside the ball."""
+    from advmnist.attacks import pgd
+    from advmnist.train import Adversarial
+
+    adv = Adversarial("trades", eps=0.1, steps=3, uniform_start=True)
+    adv.check()
+    method, params = adv.inner_attack()
+    assert method == "pgd" and "start_std" not in params and params["random_start"]
+    assert "uniform start" in str(adv) and "uniform start" not in str(Adversarial("trades"))
+    torch.manual_seed(0)
+    model = create_model("strided").eval()
+    x, y = small.test_x[:16], small.test_y[:16]
+    starts = {}
+    for uniform in (False, True):
+        p = Adversarial("trades", eps=0.1, steps=3, uniform_start=uniform).inner_attack()[1]
+        starts[uniform] = pgd(model, x, y, eps=0.1, generator=torch.Generator().manual_seed(0), **{**p, "steps": 0})
+    far, near = ((starts[u] - x).abs().amax(dim=(1, 2, 3)) for u in (True, False))
+    assert (near < 0.01).all() and (far > 0.05).all() and (far <= 0.1 + 1e-6).all()
