@@ -1,5 +1,6 @@
-"""The command line and the worker processes that autoattack.py and fab.py share: each compares
-advmnist with torchattacks on given training runs (`--case NAME=RUN_DIR:EPS`), every side in a fresh
+"""The command line, worker processes and loading that autoattack.py, oracle.py and square_gap.py
+share: the first two compare advmnist with torchattacks on given training runs
+(`--case NAME=RUN_DIR:EPS`), every side in a fresh
 Python process (advmnist/memory.py changes a process-wide allocator setting, which a side run after
 it in the same process would get for free)."""
 

@@ -28,13 +28,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from advmnist.attacks import get_attack
-    from advmnist.data import load_mnist
-    from advmnist.runs import load_checkpoint
+    import cases  # this folder's cases.py
 
-    model, _ = load_checkpoint(args.run)
-    model.eval()
-    data = load_mnist()
-    x, y = data.test_x[:args.n], data.test_y[:args.n]
+    model, _, x, y = cases.load(args.run, args.n)
     start = time.perf_counter()
 
     def attack(name: str, xs, ys, seed: int = 0, **kw):
