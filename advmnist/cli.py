@@ -181,6 +181,9 @@ def models_cmd() -> None:
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None, help="Override the optimizer.")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=None,
               help="Override the learning-rate schedule (onecycle: 0 -> lr -> 0).")
+@click.option("--ema", type=T.EMA_DECAY, default=None,
+              help="Keep an exponential moving average of the weights with this decay per step (e.g. 0.999) "
+                   "and test, monitor and save it instead of the last weights.")
 @click.option("--seed", type=T.SEED_INT, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @click.option("--limit", type=T.LIMIT, default=None, help="Train on the first N images only (quick runs).")
@@ -204,8 +207,8 @@ def models_cmd() -> None:
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, seed, device, limit, adv, eps,
-              adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, eps_ramp, out, data_dir, quiet) -> None:
+def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, ema, seed, device, limit,
+              adv, eps, adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, eps_ramp, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
     from .devices import pick_device
     from .runs import check_output_dir
@@ -218,7 +221,7 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
         adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,
-                            batch_size=batch_size, optimizer=optimizer, schedule=schedule)
+                            batch_size=batch_size, optimizer=optimizer, schedule=schedule, ema=ema)
     pick_device(device)  # before the data is loaded
     data = _load_data(data_dir, limit_train=limit)
     check_output_dir(out)  # now, not after the training
@@ -236,7 +239,7 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     run = train_run(model_name, out=out, seed=seed, device=device, data=data, adversarial=adversarial,
                     progress=not quiet and sys.stderr.isatty(), on_epoch=on_epoch,
                     epochs=epochs, lr=lr, momentum=momentum, dropout=dropout, batch_size=batch_size,
-                    optimizer=optimizer, schedule=schedule)
+                    optimizer=optimizer, schedule=schedule, ema=ema)
     from .records import RunRecord, read
 
     rec = read(run / "record.json", RunRecord)

@@ -50,6 +50,7 @@ class TargetMap(click.ParamType):
 LEARNING_RATE = Number(POSITIVE, "learning rate")
 MOMENTUM = Number(NONNEG, "momentum")
 DROPOUT = Number(PROBABILITY, "dropout")
+EMA_DECAY = Number(PROBABILITY, "weight-average decay")
 EPS = Number(NONNEG, "eps")
 STEP_SIZE = Number(POSITIVE, "step size")
 WEIGHT = Number(NONNEG, "weight")

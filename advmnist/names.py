@@ -24,7 +24,7 @@ from typing import Any
 # advmnist.models.list_models()
 MODELS: tuple[str, ...] = ("mlp", "cnn-small", "tutorial", "textbook", "improved-bn", "cnn-deep", "two-conv",
                            "lenet", "lenet-bn", "madry", "strided",
-                           "strided-wide", "trades-cnn")
+                           "strided-wide", "strided-large", "trades-cnn")
 
 
 @dataclass(frozen=True)

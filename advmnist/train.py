@@ -213,15 +213,42 @@ def adversarial_loss(adv: Adversarial, generator: torch.Generator):
     return loss_fn
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging; Gowal et al. 2020,
+    "Uncovering the Limits of Adversarial Training", keep one for their robust models).
+
+    The decay rises as min(decay, (1 + t) / (10 + t)) over the first steps t, as TensorFlow's
+    ExponentialMovingAverage does, so the average does not start weighted toward the initial
+    weights. Buffers (BatchNorm statistics) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval()
+        self.decay, self.steps = decay, 0
+        self._source = model
+        self._pairs = list(zip(self.model.parameters(), model.parameters()))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        self.steps += 1
+        for averaged, live in self._pairs:
+            averaged.lerp_(live, 1.0 - d)
+        for a, b in zip(self.model.buffers(), self._source.buffers()):
+            a.copy_(b)
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch_size: int, generator: torch.Generator, progress: tqdm | None = None,
                 loss_fn=None, eps_schedule: Callable[[float], float] | None = None,
-                lr_schedule: Callable[[float], float] | None = None) -> dict:
+                lr_schedule: Callable[[float], float] | None = None,
+                after_step: Callable[[], None] | None = None) -> dict:
     """One pass over (x, y) in a seeded random order; returns mean loss and accuracy (%).
 
     `loss_fn(model, xb, yb, eps) -> (loss, logits)` replaces plain cross-entropy (adversarial
     training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch, and
-    `lr_schedule(fraction)` the optimizer's learning rate.
+    `lr_schedule(fraction)` the optimizer's learning rate; `after_step()` runs after every
+    optimizer step (the weight average).
     """
     keep_freed_memory()
     model.train()
@@ -243,6 +270,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum += loss.detach() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         if progress is not None:
@@ -301,7 +330,8 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
 
     With `adversarial`, every batch is replaced by its adversarial version (TRADES: adds a KL
     term), each epoch also records PGD accuracy on a fixed test batch, and the weights of the epoch
-    with the best monitored robustness are kept (early stopping on robust accuracy).
+    with the best monitored robustness are kept (early stopping on robust accuracy). With
+    `recipe.ema`, the moving average of the weights is what is tested, monitored and kept.
     """
     check_recipe(recipe)
     torch.manual_seed(seed)  # dropout draws from the global generator
@@ -311,6 +341,8 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
     if adversarial is not None:
         adversarial.check()
         loss_fn = adversarial_loss(adversarial, torch.Generator().manual_seed(seed + 1))
+    average = WeightAverage(model, recipe.ema) if recipe.ema else None
+    judged = average.model if average else model  # the weights that are tested, monitored and kept
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     good = (0, copy.deepcopy(model.state_dict()))  # the last weights with finite losses: (epoch, state)
@@ -323,9 +355,10 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
                                 eps_schedule=None if adversarial is None
                                 else lambda frac, e=epoch: adversarial.eps_at(e - 1 + frac),
                                 lr_schedule=None if recipe.schedule == "constant"
-                                else lambda frac, e=epoch: learning_rate(recipe, e - 1 + frac))
+                                else lambda frac, e=epoch: learning_rate(recipe, e - 1 + frac),
+                                after_step=average.update if average else None)
         train_seconds = time.perf_counter() - start
-        test = evaluate(model, data.test_x, data.test_y)
+        test = evaluate(judged, data.test_x, data.test_y)
         if _diverged(model, stats["train_loss"], test["loss"]):
             model.load_state_dict(good[1])
             kept = (f"the weights of epoch {good[0]}, the last with finite losses, are restored" if good[0]
@@ -338,21 +371,23 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
         stats = {"epoch": epoch, **stats, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                  "seconds": round(train_seconds, 3)}
         if adversarial is not None:
-            stats["robust_accuracy"] = monitor_robustness(model, data, adversarial)
+            stats["robust_accuracy"] = monitor_robustness(judged, data, adversarial)
             if adversarial.method == "ibp":
-                stats["certified_accuracy"] = monitor_certified(model, data, adversarial)
+                stats["certified_accuracy"] = monitor_certified(judged, data, adversarial)
             if adversarial.ramp_epochs > epoch:
                 stats["ramping"] = True
             stats["warnings"] = _epoch_warnings(stats, best[0] if best else None)
             score = stats.get("certified_accuracy", stats["robust_accuracy"])
             if best is None or score > best[0]:
-                best = (score, epoch, copy.deepcopy(model.state_dict()))
+                best = (score, epoch, copy.deepcopy(judged.state_dict()))
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
     if best is not None and best[1] != len(history):
         model.load_state_dict(best[2])
         history[-1]["restored_epoch"] = best[1]
+    elif average is not None:
+        model.load_state_dict(average.model.state_dict())
     return history
 
 

@@ -78,6 +78,7 @@ DIGIT = Range(lo=0, hi=9, integer=True)
 RECIPE: dict[str, tuple[str, Range]] = {
     "lr": ("learning rate", POSITIVE), "momentum": ("momentum", NONNEG), "batch_size": ("batch size", COUNT),
     "epochs": ("epochs", COUNT), "dropout": ("dropout", PROBABILITY), "weight_decay": ("weight decay", NONNEG),
+    "ema": ("weight-average decay", PROBABILITY),
 }
 
 #: Adversarial-training fields (advmnist.train.Adversarial).

@@ -125,6 +125,7 @@ def attacked(trained, tmp_path_factory):
     (["train", "--lr", "inf"], "learning rate must be positive (a finite number > 0), got inf"),
     (["train", "--adv", "pgd", "--eps", "nan"], "eps must be >= 0 (a finite number), got nan"),
     (["train", "--momentum", "-inf"], "momentum must be >= 0 (a finite number), got -inf"),
+    (["train", "--ema", "1"], "weight-average decay must be in [0, 1) (a finite number), got 1"),
     (["attack", "--method", "fgsm", "--eps", "nan"], "eps must be >= 0 (a finite number), got nan"),
     (["attack", "--method", "pgd", "--eps", "0.1,inf"], "eps must be >= 0 (a finite number), got inf"),
     (["attack", "--method", "penalty", "--eta", "inf"], "eta must be positive (a finite number > 0), got inf"),

@@ -7,7 +7,7 @@ from advmnist import runs
 from advmnist.errors import AdvmnistError, CheckpointError
 from advmnist.measures import evaluate
 from advmnist.models import create_model
-from advmnist.train import ADVERSARIAL_METHODS, fit, resolve_recipe, train_run
+from advmnist.train import ADVERSARIAL_METHODS, WeightAverage, fit, resolve_recipe, train_run
 
 
 def test_one_epoch_on_a_slice_is_far_above_chance(trained_small, small):
@@ -31,6 +31,36 @@ def test_same_seed_same_weights_other_seed_other_weights(small):
     c, _ = weights(4)
     assert torch.equal(a, b) and ha[0]["train_loss"] == hb[0]["train_loss"]
     assert not torch.equal(a, c)
+
+
+def test_weight_average_follows_the_warmed_up_decay():
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(1.0)
+    average = WeightAverage(model, decay=0.99)
+    model.weight.data.fill_(3.0)
+    average.update()  # decay min(0.99, 1/10)
+    assert average.model.weight.item() == pytest.approx(0.1 * 1.0 + 0.9 * 3.0)
+    model.weight.data.fill_(5.0)
+    average.update()  # decay 2/11
+    assert average.model.weight.item() == pytest.approx(2 / 11 * 2.8 + 9 / 11 * 5.0)
+    assert model.weight.item() == 5.0  # the live weights are not touched
+
+
+def test_ema_training_keeps_and_tests_the_averaged_weights(small):
+    data = small
+
+    def train(**overrides):
+        torch.manual_seed(0)
+        model = create_model("strided")
+        history = fit(model, data, resolve_recipe("strided", epochs=2, **overrides), seed=0)
+        return model, history
+
+    averaged, history = train(ema=0.99)
+    last, _ = train()
+    accuracy = evaluate(averaged, data.test_x, data.test_y)["accuracy"]
+    assert accuracy == pytest.approx(history[-1]["test_accuracy"])  # what was tested is what is kept
+    assert accuracy > 85.0
+    assert not torch.equal(averaged.fc1.weight, last.fc1.weight)
 
 
 def test_train_run_writes_a_complete_run_and_checkpoint_round_trips(tmp_path, small):
