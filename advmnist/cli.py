@@ -202,13 +202,15 @@ def models_cmd() -> None:
 @click.option("--uniform-start", is_flag=True,
               help="With --adv trades: start the inner attack uniformly in the eps ball (as PGD does) instead of "
                    "TRADES' Gaussian noise of std 0.001.")
+@click.option("--keep-last", is_flag=True,
+              help="With --adv: keep the last epoch's weights instead of the most robust epoch's on the monitor.")
 @click.option("--eps-ramp", type=T.EPOCHS, default=0.0, show_default=True,
               help="With --adv: epochs over which eps rises from 0.")
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, ema, seed, device, limit,
-              adv, eps, adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, eps_ramp, out, data_dir, quiet) -> None:
+              adv, eps, adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, keep_last, eps_ramp, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
     from .devices import pick_device
     from .runs import check_output_dir
@@ -217,7 +219,8 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     adversarial = None
     if adv is not None:
         adversarial = Adversarial(adv, eps=eps, steps=adv_steps, alpha=adv_alpha, beta=beta, kappa=kappa,
-                                  ramp_epochs=eps_ramp, monitor_eps=monitor_eps, uniform_start=uniform_start)
+                                  ramp_epochs=eps_ramp, monitor_eps=monitor_eps, uniform_start=uniform_start,
+                                  keep_last=keep_last)
         adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,

@@ -351,8 +351,9 @@ def strided_large() -> nn.Module:
 
     For certified training on both cores: IBP-trained nets underfit (the clean accuracy on their own
     training images stays near 98%), and Gowal et al. 2018 gain clean and verified accuracy with
-    width. About 2.5x the multiplies of `strided-wide`, still without max-pool. No reported number
-    of its own: 98.5% is the clean accuracy of Wong et al.'s FGSM-RS-trained small net.
+    width. 3.5x the multiplies of `strided-wide` (an IBP training epoch takes 2.4x as long), still
+    without max-pool. No reported number of its own: 98.5% is the clean accuracy of Wong et al.'s
+    FGSM-RS-trained small net.
     """
     return _seq(("norm", Normalize(0.0, 1.0)),
                 ("conv1", nn.Conv2d(1, 64, 4, stride=2, padding=1)), ("relu1", nn.ReLU()),

@@ -95,14 +95,16 @@ class Adversarial:
     monitor_steps: int = 20  # PGD steps of that monitor
     monitor_eps: float | None = None  # eps of the monitor; None: the training eps
     uniform_start: bool = False  # trades: start uniformly in the eps ball, as PGD does, not 0.001 away
+    keep_last: bool = False  # keep the last epoch's weights, not those of the monitor's most robust epoch
 
     def check(self) -> None:
         if self.method not in ADVERSARIAL_METHODS:
             raise AdvmnistError(f"unknown adversarial training {self.method!r}; use {', '.join(ADVERSARIAL_METHODS)}")
         if self.eps < 0 or self.steps < 1 or (self.alpha is not None and self.alpha <= 0):
             raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
-        if not isinstance(self.uniform_start, bool):
-            raise AdvmnistError(f"uniform_start must be true or false, got {self.uniform_start!r}")
+        for flag in ("uniform_start", "keep_last"):
+            if not isinstance(getattr(self, flag), bool):
+                raise AdvmnistError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         from .validate import ADVERSARIAL, check_fields
 
         check_fields(dataclasses.asdict(self), ADVERSARIAL, "adversarial training")  # also NaN and inf
@@ -151,15 +153,18 @@ class Adversarial:
         """Training eps after `progress` epochs (fractional): linear from 0 over ramp_epochs, then eps."""
         return self.eps * (min(1.0, progress / self.ramp_epochs) if self.ramp_epochs > 0 else 1.0)
 
+    def _kept(self) -> str:
+        return ", last epoch kept" if self.keep_last else ""
+
     def __str__(self) -> str:
         if self.method == "ibp":
             text = f"ibp training eps={self.eps:g} kappa=1->{self.kappa:g}"
-            return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
+            return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "") + self._kept()
         alpha = self.step_size()
         text = (f"{self.method} training eps={self.eps:g} steps={self.steps}"
                 + ("" if alpha is None else f" alpha={alpha:g}")
                 + (" uniform start" if self.uniform_start and self.method == "trades" else ""))
-        return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
+        return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "") + self._kept()
 
 
 def _kl_from(p_nat: torch.Tensor):
@@ -330,7 +335,9 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
 
     With `adversarial`, every batch is replaced by its adversarial version (TRADES: adds a KL
     term), each epoch also records PGD accuracy on a fixed test batch, and the weights of the epoch
-    with the best monitored robustness are kept (early stopping on robust accuracy). With
+    with the best monitored robustness are kept (early stopping on robust accuracy; with
+    `adversarial.keep_last`, the last epoch's: the monitor's 500 images pick among epochs
+    within its noise, and the one-cycle schedule ends on its best clean accuracy). With
     `recipe.ema`, the moving average of the weights is what is tested, monitored and kept.
     """
     check_recipe(recipe)
@@ -383,7 +390,7 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
-    if best is not None and best[1] != len(history):
+    if best is not None and best[1] != len(history) and not adversarial.keep_last:
         model.load_state_dict(best[2])
         history[-1]["restored_epoch"] = best[1]
     elif average is not None:

@@ -486,6 +486,7 @@ _OK = "title = 'ok'\nreport = 'r'\n[[variant]]\nlabel = 'a'\nmodel = 'mlp'\n"
     (_OK.replace("title = 'ok'\n", ""), "missing key 'title': expected a non-empty string"),
     (_OK + "[robust]\neps = inf\n", "[robust]: key 'eps': expected >= 0 (a finite number), got inf"),
     (_OK + "adversarial = { method = 'trades', uniform_start = 3 }\n", "uniform_start must be true or false, got 3"),
+    (_OK + "adversarial = { method = 'pgd', keep_last = 'yes' }\n", "keep_last must be true or false, got 'yes'"),
     (None, "a directory, not an experiment spec"),
 ])
 def test_10_bad_specs_name_the_file_and_key(tmp_path, text, message):

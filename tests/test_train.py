@@ -104,6 +104,24 @@ def test_interrupted_run_leaves_nothing(tmp_path, small, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("keep_last", [False, True])
+def test_keep_last_overrides_the_monitors_pick(keep_last, small, monkeypatch):
+    import advmnist.train as train_mod
+    from advmnist.train import Adversarial
+
+    scores = iter([50.0, 40.0])  # the monitor calls epoch 1 the most robust
+    monkeypatch.setattr(train_mod, "monitor_robustness", lambda *a: next(scores))
+    states = []
+    torch.manual_seed(0)
+    model = create_model("strided")
+    history = fit(model, small.subset(1000, 200), resolve_recipe("strided", epochs=2), seed=0,
+                  adversarial=Adversarial("fgsm-rs", eps=0.1, keep_last=keep_last),
+                  on_epoch=lambda s: states.append({k: v.clone() for k, v in model.state_dict().items()}))
+    kept = states[1] if keep_last else states[0]
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
+    assert history[-1].get("restored_epoch") == (None if keep_last else 1)
+
+
 def test_bad_recipe_values_are_refused():
     with pytest.raises(AdvmnistError, match="learning rate must be positive"):
         resolve_recipe("lenet", lr=-1.0)
