@@ -313,6 +313,15 @@ def madry() -> nn.Module:
                 ("fc2", nn.Linear(1024, 10)))
 
 
+def _strided_net(c1: int, c2: int, hidden: int) -> nn.Sequential:
+    """Wong et al.'s small MNIST net at a given width: conv 4x4/2 c1, conv 4x4/2 c2, fc hidden, fc 10."""
+    return _seq(("norm", Normalize(0.0, 1.0)),
+                ("conv1", nn.Conv2d(1, c1, 4, stride=2, padding=1)), ("relu1", nn.ReLU()),
+                ("conv2", nn.Conv2d(c1, c2, 4, stride=2, padding=1)), ("relu2", nn.ReLU()),
+                ("flatten", nn.Flatten()), ("fc1", nn.Linear(7 * 7 * c2, hidden)), ("relu3", nn.ReLU()),
+                ("fc2", nn.Linear(hidden, 10)))
+
+
 @register_model(report="Wong 2020", recipe=Recipe(optimizer="adam", lr=1e-3, batch_size=100, epochs=5), accuracy=98.5)
 def strided() -> nn.Module:
     """Conv 4x4/2 24, conv 4x4/2 48, fc 2352->128, fc->10: strided convs, no pooling.
@@ -322,11 +331,7 @@ def strided() -> nn.Module:
     CPU kernels dominate the zoo's attack steps), wide enough to learn eps = 0.3 robustness. No
     reported number of its own: 98.5% is the clean accuracy of Wong et al.'s FGSM-RS-trained net.
     """
-    return _seq(("norm", Normalize(0.0, 1.0)),
-                ("conv1", nn.Conv2d(1, 24, 4, stride=2, padding=1)), ("relu1", nn.ReLU()),
-                ("conv2", nn.Conv2d(24, 48, 4, stride=2, padding=1)), ("relu2", nn.ReLU()),
-                ("flatten", nn.Flatten()), ("fc1", nn.Linear(7 * 7 * 48, 128)), ("relu3", nn.ReLU()),
-                ("fc2", nn.Linear(128, 10)))
+    return _strided_net(24, 48, 128)
 
 
 @register_model(report="Wong 2020", recipe=Recipe(optimizer="adam", lr=1e-3, batch_size=100, epochs=5), accuracy=98.5)
@@ -338,11 +343,7 @@ def strided_wide() -> nn.Module:
     max-pool. No reported number of its own: 98.5% is the clean accuracy of Wong et al.'s
     FGSM-RS-trained small net.
     """
-    return _seq(("norm", Normalize(0.0, 1.0)),
-                ("conv1", nn.Conv2d(1, 32, 4, stride=2, padding=1)), ("relu1", nn.ReLU()),
-                ("conv2", nn.Conv2d(32, 64, 4, stride=2, padding=1)), ("relu2", nn.ReLU()),
-                ("flatten", nn.Flatten()), ("fc1", nn.Linear(7 * 7 * 64, 200)), ("relu3", nn.ReLU()),
-                ("fc2", nn.Linear(200, 10)))
+    return _strided_net(32, 64, 200)
 
 
 @register_model(report="Wong 2020", recipe=Recipe(optimizer="adam", lr=1e-3, batch_size=100, epochs=5), accuracy=98.5)
@@ -355,11 +356,7 @@ def strided_large() -> nn.Module:
     without max-pool. No reported number of its own: 98.5% is the clean accuracy of Wong et al.'s
     FGSM-RS-trained small net.
     """
-    return _seq(("norm", Normalize(0.0, 1.0)),
-                ("conv1", nn.Conv2d(1, 64, 4, stride=2, padding=1)), ("relu1", nn.ReLU()),
-                ("conv2", nn.Conv2d(64, 128, 4, stride=2, padding=1)), ("relu2", nn.ReLU()),
-                ("flatten", nn.Flatten()), ("fc1", nn.Linear(7 * 7 * 128, 256)), ("relu3", nn.ReLU()),
-                ("fc2", nn.Linear(256, 10)))
+    return _strided_net(64, 128, 256)
 
 
 @register_model(report="TRADES 2019", recipe=Recipe(lr=0.01, momentum=0.9, batch_size=128, epochs=10, dropout=0.5),
