@@ -210,7 +210,8 @@ def models_cmd() -> None:
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, ema, seed, device, limit,
-              adv, eps, adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, keep_last, eps_ramp, out, data_dir, quiet) -> None:
+              adv, eps, adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, keep_last, eps_ramp, out,
+              data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
     from .devices import pick_device
     from .runs import check_output_dir

@@ -348,7 +348,7 @@ def strided_wide() -> nn.Module:
 
 @register_model(report="Wong 2020", recipe=Recipe(optimizer="adam", lr=1e-3, batch_size=100, epochs=5), accuracy=98.5)
 def strided_large() -> nn.Module:
-    """Conv 4x4/2 64, conv 4x4/2 128, fc 6272->256, fc->10: Wong et al.'s small net, four times as wide.
+    """Conv 4x4/2 64, conv 4x4/2 128, fc 6272->256, fc->10: Wong et al.'s small net, four times the channels.
 
     For certified training on both cores: IBP-trained nets underfit (the clean accuracy on their own
     training images stays near 98%), and Gowal et al. 2018 gain clean and verified accuracy with
