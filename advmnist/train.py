@@ -153,18 +153,16 @@ class Adversarial:
         """Training eps after `progress` epochs (fractional): linear from 0 over ramp_epochs, then eps."""
         return self.eps * (min(1.0, progress / self.ramp_epochs) if self.ramp_epochs > 0 else 1.0)
 
-    def _kept(self) -> str:
-        return ", last epoch kept" if self.keep_last else ""
-
     def __str__(self) -> str:
         if self.method == "ibp":
             text = f"ibp training eps={self.eps:g} kappa=1->{self.kappa:g}"
-            return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "") + self._kept()
-        alpha = self.step_size()
-        text = (f"{self.method} training eps={self.eps:g} steps={self.steps}"
-                + ("" if alpha is None else f" alpha={alpha:g}")
-                + (" uniform start" if self.uniform_start and self.method == "trades" else ""))
-        return text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "") + self._kept()
+        else:
+            alpha = self.step_size()
+            text = (f"{self.method} training eps={self.eps:g} steps={self.steps}"
+                    + ("" if alpha is None else f" alpha={alpha:g}")
+                    + (" uniform start" if self.uniform_start and self.method == "trades" else ""))
+        return (text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
+                + (", last epoch kept" if self.keep_last else ""))
 
 
 def _kl_from(p_nat: torch.Tensor):
@@ -230,17 +228,17 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.model = copy.deepcopy(model).eval()
         self.decay, self.steps = decay, 0
-        self._source = model
-        self._pairs = list(zip(self.model.parameters(), model.parameters()))
+        self._params = list(zip(self.model.parameters(), model.parameters()))
+        self._buffers = list(zip(self.model.buffers(), model.buffers()))
 
     @torch.no_grad()
     def update(self) -> None:
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
         self.steps += 1
-        for averaged, live in self._pairs:
+        for averaged, live in self._params:
             averaged.lerp_(live, 1.0 - d)
-        for a, b in zip(self.model.buffers(), self._source.buffers()):
-            a.copy_(b)
+        for copied, live in self._buffers:
+            copied.copy_(live)
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
