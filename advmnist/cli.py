@@ -215,7 +215,7 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     """Train a zoo model with its report's recipe and write a run directory."""
     from .devices import pick_device
     from .runs import check_output_dir
-    from .train import Adversarial, resolve_recipe, train_run
+    from .train import Adversarial, recipe_warnings, resolve_recipe, train_run
 
     adversarial = None
     if adv is not None:
@@ -230,6 +230,8 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     data = _load_data(data_dir, limit_train=limit)
     check_output_dir(out)  # now, not after the training
     click.echo(f"training {model_name} on {len(data.train_x)} images: {recipe} seed={seed}")
+    for w in recipe_warnings(recipe, len(data.train_x)):
+        click.echo(f"warning: {w}", err=True)
 
     def on_epoch(s: dict) -> None:
         robust = f"  PGD acc {s['robust_accuracy']:6.2f}%" if "robust_accuracy" in s else ""

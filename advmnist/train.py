@@ -241,6 +241,29 @@ class WeightAverage:
             copied.copy_(live)
 
 
+def ema_warmup_steps(decay: float) -> int:
+    """The optimizer step (counted from 1) at which the warmed-up decay (1 + t) / (10 + t) reaches `decay`."""
+    t = max(0, math.ceil((10 * decay - 1) / (1 - decay) - 1e-6))  # (1 + t) / (10 + t) >= decay, rounding aside
+    while (1 + t) / (10 + t) < decay:
+        t += 1
+    while t > 0 and t / (9 + t) >= decay:
+        t -= 1
+    return t + 1
+
+
+def recipe_warnings(recipe: Recipe, n_train: int) -> list[str]:
+    """What a recipe will not do as asked: a weight average whose warm-up outlasts the training
+    (the decay then never reaches the value given, and the average spans fewer steps than meant)."""
+    if not recipe.ema:
+        return []
+    steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
+    if ema_warmup_steps(recipe.ema) <= steps:
+        return []
+    return [f"--ema {recipe.ema:g} is reached only at optimizer step {ema_warmup_steps(recipe.ema):,} and this "
+            f"training has {steps:,} step{'s' * (steps != 1)}: the decay ends at {steps / (9 + steps):.5f} (the warm-up "
+            f"min(decay, (1 + t) / (10 + t)))"]
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch_size: int, generator: torch.Generator, progress: tqdm | None = None,
                 loss_fn=None, eps_schedule: Callable[[float], float] | None = None,
@@ -456,7 +479,8 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
             "per_class_accuracy": final["per_class_accuracy"], "checkpoint_sha256": sha,
             "reported_accuracy": get_spec(name).reported_accuracy,
             "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
-            "warnings": [w for h in history for w in h.get("warnings", [])],
+            "warnings": (recipe_warnings(recipe, len(data.train_x))
+                         + [w for h in history for w in h.get("warnings", [])]),
             "wall_time_s": round(time.perf_counter() - wall, 2), "provenance": prov,
             "finished": prov["time"], "run": run_name,
         }

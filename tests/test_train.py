@@ -7,7 +7,8 @@ from advmnist import runs
 from advmnist.errors import AdvmnistError, CheckpointError
 from advmnist.measures import evaluate
 from advmnist.models import create_model
-from advmnist.train import ADVERSARIAL_METHODS, WeightAverage, fit, resolve_recipe, train_run
+from advmnist.train import (ADVERSARIAL_METHODS, WeightAverage, ema_warmup_steps, fit, recipe_warnings,
+                            resolve_recipe, train_run)
 
 
 def test_one_epoch_on_a_slice_is_far_above_chance(trained_small, small):
@@ -44,6 +45,20 @@ def test_weight_average_follows_the_warmed_up_decay():
     average.update()  # decay 2/11
     assert average.model.weight.item() == pytest.approx(2 / 11 * 2.8 + 9 / 11 * 5.0)
     assert model.weight.item() == 5.0  # the live weights are not touched
+
+
+def test_ema_warmup_outlasting_the_training_is_named():
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = WeightAverage(model, decay=0.9)
+    for _ in range(ema_warmup_steps(0.9) - 1):
+        assert min(average.decay, (1 + average.steps) / (10 + average.steps)) < 0.9
+        average.update()
+    assert (1 + average.steps) / (10 + average.steps) >= 0.9  # the step named is the first at the full decay
+    assert ema_warmup_steps(0.999) == 8991  # (1 + t) / (10 + t) = 0.999 at t = 8990, the 8,991st step
+    # 25 epochs of 600 steps: 0.999 is reached, 0.9995 (step 17,991) never is
+    assert recipe_warnings(resolve_recipe("strided", epochs=25, batch_size=100, ema=0.999), 60000) == []
+    [warning] = recipe_warnings(resolve_recipe("strided", epochs=25, batch_size=100, ema=0.9995), 60000)
+    assert "17,991" in warning and "15,000" in warning and "0.99940" in warning
 
 
 def test_ema_training_keeps_and_tests_the_averaged_weights(small):
