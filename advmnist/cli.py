@@ -194,6 +194,9 @@ def models_cmd() -> None:
 @click.option("--adv-steps", type=T.POSITIVE_INT, default=40, show_default=True,
               help="With --adv pgd/trades (or an attack that takes steps): inner steps.")
 @click.option("--adv-alpha", type=T.STEP_SIZE, default=None, help="With --adv: inner step size.")
+@click.option("--adv-restarts", type=T.POSITIVE_INT, default=1, show_default=True,
+              help="With --adv pgd/trades: inner attacks from that many starts, the worst kept per example "
+                   "(costs that many times the inner attack).")
 @click.option("--beta", type=T.WEIGHT, default=6.0, show_default=True, help="With --adv trades: KL weight.")
 @click.option("--monitor-eps", type=T.EPS, default=None,
               help="With --adv: eps of the per-epoch robustness monitor that picks the kept epoch (default: --eps).")
@@ -210,8 +213,8 @@ def models_cmd() -> None:
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, ema, seed, device, limit,
-              adv, eps, adv_steps, adv_alpha, beta, monitor_eps, kappa, uniform_start, keep_last, eps_ramp, out,
-              data_dir, quiet) -> None:
+              adv, eps, adv_steps, adv_alpha, adv_restarts, beta, monitor_eps, kappa, uniform_start, keep_last,
+              eps_ramp, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
     from .devices import pick_device
     from .runs import check_output_dir
@@ -221,7 +224,7 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     if adv is not None:
         adversarial = Adversarial(adv, eps=eps, steps=adv_steps, alpha=adv_alpha, beta=beta, kappa=kappa,
                                   ramp_epochs=eps_ramp, monitor_eps=monitor_eps, uniform_start=uniform_start,
-                                  keep_last=keep_last)
+                                  keep_last=keep_last, restarts=adv_restarts)
         adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,

@@ -96,12 +96,15 @@ class Adversarial:
     monitor_eps: float | None = None  # eps of the monitor; None: the training eps
     uniform_start: bool = False  # trades: start uniformly in the eps ball, as PGD does, not 0.001 away
     keep_last: bool = False  # keep the last epoch's weights, not those of the monitor's most robust epoch
+    restarts: int = 1  # pgd, trades: inner attacks from this many starts, the worst kept per example
 
     def check(self) -> None:
         if self.method not in ADVERSARIAL_METHODS:
             raise AdvmnistError(f"unknown adversarial training {self.method!r}; use {', '.join(ADVERSARIAL_METHODS)}")
         if self.eps < 0 or self.steps < 1 or (self.alpha is not None and self.alpha <= 0):
             raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
+        if self.restarts > 1 and self.method not in ("pgd", "trades"):
+            raise AdvmnistError(f"inner restarts are for pgd and trades training, not {self.method}")
         for flag in ("uniform_start", "keep_last"):
             if not isinstance(getattr(self, flag), bool):
                 raise AdvmnistError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -135,10 +138,12 @@ class Adversarial:
         alpha = self.step_size()
         if self.method in ("pgd", "fgsm-rs", "fgsm"):
             steps = 1 if self.method in ("fgsm", "fgsm-rs") else self.steps
-            return "pgd", {"alpha": alpha, "steps": steps, "random_start": self.method != "fgsm"}
+            return "pgd", {"alpha": alpha, "steps": steps, "random_start": self.method != "fgsm",
+                           "restarts": self.restarts}
         if self.method == "trades":
             start = {} if self.uniform_start else {"start_std": 0.001}
-            return "pgd", {"alpha": alpha, "steps": self.steps, "random_start": True, **start}
+            return "pgd", {"alpha": alpha, "steps": self.steps, "random_start": True, "restarts": self.restarts,
+                           **start}
         accepted = get_attack(self.method).defaults()
         params = {"steps": self.steps} if "steps" in accepted else {}
         if alpha is not None and "alpha" in accepted:
@@ -160,7 +165,8 @@ class Adversarial:
             alpha = self.step_size()
             text = (f"{self.method} training eps={self.eps:g} steps={self.steps}"
                     + ("" if alpha is None else f" alpha={alpha:g}")
-                    + (" uniform start" if self.uniform_start and self.method == "trades" else ""))
+                    + (" uniform start" if self.uniform_start and self.method == "trades" else "")
+                    + (f" restarts={self.restarts}" if self.restarts > 1 else ""))
         return (text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
                 + (", last epoch kept" if self.keep_last else ""))
 

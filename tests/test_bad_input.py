@@ -465,6 +465,8 @@ def test_8_the_file_name_does_not_enter_the_archive(tmp_path):
     (["attack", "--method", "penalty", "--per-digit", "0"], "per_digit must be an integer >= 1, got 0"),
     (["attack", "--method", "apgd-t", "--targets", "10"], "targets must be an integer in [1, 9], got 10"),
     (["evaluate", "--robust", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["train", "--adv", "trades", "--adv-restarts", "0"], "adv_restarts must be an integer >= 1, got 0"),
+    (["train", "--adv", "ibp", "--adv-restarts", "2"], "inner restarts are for pgd and trades training, not ibp"),
 ])
 def test_9_out_of_range_counts_are_one_line_errors(trained, args, message):
     out = trained[0]
@@ -487,6 +489,7 @@ _OK = "title = 'ok'\nreport = 'r'\n[[variant]]\nlabel = 'a'\nmodel = 'mlp'\n"
     (_OK + "[robust]\neps = inf\n", "[robust]: key 'eps': expected >= 0 (a finite number), got inf"),
     (_OK + "adversarial = { method = 'trades', uniform_start = 3 }\n", "uniform_start must be true or false, got 3"),
     (_OK + "adversarial = { method = 'pgd', keep_last = 'yes' }\n", "keep_last must be true or false, got 'yes'"),
+    (_OK + "adversarial = { method = 'trades', restarts = 0 }\n", "key 'restarts': expected"),
     (None, "a directory, not an experiment spec"),
 ])
 def test_10_bad_specs_name_the_file_and_key(tmp_path, text, message):

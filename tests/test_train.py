@@ -183,13 +183,44 @@ def test_trades_inner_step_is_pgd_on_the_kl_to_the_clean_prediction(small):
 
     adv = Adversarial("trades", eps=0.1, steps=3)
     method, params = adv.inner_attack()
-    assert method == "pgd" and params == {"alpha": 2 * 0.1 / 3, "steps": 3, "random_start": True, "start_std": 0.001}
+    assert method == "pgd" and params == {"alpha": 2 * 0.1 / 3, "steps": 3, "random_start": True, "start_std": 0.001,
+                                          "restarts": 1}
     torch.manual_seed(0)
     model = create_model("strided").eval()
     x, y = small.test_x[:16], small.test_y[:16]
     kl = _kl_from(F.softmax(model(x), dim=1).detach())
     out = pgd(model, x, y, eps=0.1, loss=kl, generator=torch.Generator().manual_seed(0), **params)
     assert (out - x).abs().max() <= 0.1 + 1e-6 and kl(model(out), y).mean() > kl(model(x), y).mean()
+
+
+def test_inner_restarts_keep_the_worst_start_per_example(small):
+    """`restarts`: the inner attack runs from that many starts and keeps, per example, the one with
+    the higher KL; its first start is the single-start attack's, so no example ends with less."""
+    import torch.nn.functional as F
+
+    from advmnist.attacks import pgd
+    from advmnist.train import Adversarial, _kl_from
+
+    adv = Adversarial("trades", eps=0.3, steps=2, restarts=3, uniform_start=True)
+    adv.check()
+    assert adv.inner_attack()[1]["restarts"] == 3 and "restarts=3" in str(adv)
+    assert "restarts" not in str(Adversarial("trades"))
+    torch.manual_seed(0)
+    model = create_model("strided").eval()
+    x, y = small.test_x[:64], small.test_y[:64]
+    kl = _kl_from(F.softmax(model(x), dim=1).detach())
+    found = {}
+    for r in (1, 3):
+        params = Adversarial("trades", eps=0.3, steps=2, restarts=r, uniform_start=True).inner_attack()[1]
+        out = pgd(model, x, y, eps=0.3, loss=kl, generator=torch.Generator().manual_seed(0), **params)
+        with torch.no_grad():
+            found[r] = (kl(model(out), y), model(out).argmax(1) != y)
+    (kl1, fooled1), (kl3, fooled3) = found[1], found[3]
+    assert (fooled3 | ~fooled1).all()  # a fooled example stays fooled
+    assert (kl3[fooled3 == fooled1] >= kl1[fooled3 == fooled1] - 1e-6).all() and (kl3 > kl1 + 1e-4).any()
+    for method in ("ibp", "fgsm-rs"):
+        with pytest.raises(AdvmnistError, match=f"inner restarts are for pgd and trades training, not {method}"):
+            Adversarial(method, restarts=2).check()
 
 
 def test_trades_uniform_start_begins_anywhere_in_the_ball(small):
