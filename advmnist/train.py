@@ -265,9 +265,9 @@ def recipe_warnings(recipe: Recipe, n_train: int) -> list[str]:
     steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
     if ema_warmup_steps(recipe.ema) <= steps:
         return []
-    return [f"--ema {recipe.ema:g} is reached only at optimizer step {ema_warmup_steps(recipe.ema):,} and this "
-            f"training has {steps:,} step{'s' * (steps != 1)}: the decay ends at {steps / (9 + steps):.5f} (the warm-up "
-            f"min(decay, (1 + t) / (10 + t)))"]
+    return [f"the weight average's decay {recipe.ema:g} is reached only at optimizer step "
+            f"{ema_warmup_steps(recipe.ema):,} and this training has {steps:,} step{'s' * (steps != 1)}: "
+            f"the decay ends at {steps / (9 + steps):.5f} (the warm-up min(decay, (1 + t) / (10 + t)))"]
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

@@ -85,7 +85,8 @@ RECIPE: dict[str, tuple[str, Range]] = {
 ADVERSARIAL: dict[str, tuple[str, Range]] = {
     "eps": ("eps", NONNEG), "steps": ("steps", COUNT), "alpha": ("alpha", POSITIVE), "beta": ("beta", NONNEG),
     "ramp_epochs": ("eps ramp", NONNEG), "monitor": ("monitor images", COUNT),
-    "monitor_steps": ("monitor steps", COUNT), "restarts": ("inner restarts", COUNT), "monitor_eps": ("monitor eps", NONNEG), "kappa": ("kappa", Range(lo=0, hi=1, text="in [0, 1]")),
+    "monitor_steps": ("monitor steps", COUNT), "monitor_eps": ("monitor eps", NONNEG),
+    "kappa": ("kappa", Range(lo=0, hi=1, text="in [0, 1]")), "restarts": ("inner restarts", COUNT),
 }
 
 #: Attack keyword arguments shared by the attack registry (advmnist/attacks/*); others are only

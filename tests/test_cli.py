@@ -142,6 +142,7 @@ def test_train_names_a_weight_average_whose_warm_up_outlasts_the_training(tmp_pa
     result = CliRunner().invoke(main, ["train", "--model", "mlp", "--epochs", "1", "--limit", "300", "--ema", "0.99",
                                        "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "warning: --ema 0.99 is reached only at optimizer step 891 and this training has 1 step:" in result.output
+    assert ("warning: the weight average's decay 0.99 is reached only at optimizer step 891 and this training "
+            "has 1 step:") in result.output
     record = json.loads((runs.latest_run(tmp_path, "mlp") / "record.json").read_text())
-    assert any("--ema 0.99 is reached only" in w for w in record["warnings"])
+    assert any("decay 0.99 is reached only" in w for w in record["warnings"])
