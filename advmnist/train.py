@@ -237,9 +237,14 @@ class WeightAverage:
         self._params = list(zip(self.model.parameters(), model.parameters()))
         self._buffers = list(zip(self.model.buffers(), model.buffers()))
 
+    @staticmethod
+    def decay_at(decay: float, t: int) -> float:
+        """The decay of the update after t earlier ones."""
+        return min(decay, (1 + t) / (10 + t))
+
     @torch.no_grad()
     def update(self) -> None:
-        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        d = self.decay_at(self.decay, self.steps)
         self.steps += 1
         for averaged, live in self._params:
             averaged.lerp_(live, 1.0 - d)
@@ -249,11 +254,9 @@ class WeightAverage:
 
 def ema_warmup_steps(decay: float) -> int:
     """The optimizer step (counted from 1) at which the warmed-up decay (1 + t) / (10 + t) reaches `decay`."""
-    t = max(0, math.ceil((10 * decay - 1) / (1 - decay) - 1e-6))  # (1 + t) / (10 + t) >= decay, rounding aside
-    while (1 + t) / (10 + t) < decay:
+    t = max(0, math.ceil((10 * decay - 1) / (1 - decay)) - 1)  # the closed form, one below for float rounding
+    while WeightAverage.decay_at(decay, t) < decay:
         t += 1
-    while t > 0 and t / (9 + t) >= decay:
-        t -= 1
     return t + 1
 
 
@@ -263,11 +266,12 @@ def recipe_warnings(recipe: Recipe, n_train: int) -> list[str]:
     if not recipe.ema:
         return []
     steps = recipe.epochs * math.ceil(n_train / recipe.batch_size)
-    if ema_warmup_steps(recipe.ema) <= steps:
+    reached = ema_warmup_steps(recipe.ema)
+    if reached <= steps:
         return []
-    return [f"the weight average's decay {recipe.ema:g} is reached only at optimizer step "
-            f"{ema_warmup_steps(recipe.ema):,} and this training has {steps:,} step{'s' * (steps != 1)}: "
-            f"the decay ends at {steps / (9 + steps):.5f} (the warm-up min(decay, (1 + t) / (10 + t)))"]
+    return [f"the weight average's decay {recipe.ema:g} is reached only at optimizer step {reached:,} and this "
+            f"training has {steps:,} step{'s' * (steps != 1)}: the decay ends at "
+            f"{WeightAverage.decay_at(recipe.ema, steps - 1):.5f} (the warm-up min(decay, (1 + t) / (10 + t)))"]
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
