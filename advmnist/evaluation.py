@@ -120,7 +120,7 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     `run_dir/eval/robust.json`. An example certified robust yet broken by an attack is a bug in one
     of the two and stops the evaluation. Certified images beyond the first `check_n` are not
     attacked: the bound proves what any attack would find."""
-    from .robustness import ensemble_stages, masking_checks, run_ensemble
+    from .robustness import checks_scope, ensemble_stages, masking_checks, run_ensemble
 
     if not eps >= 0:
         raise AdvmnistError(f"eps must be >= 0, got {eps}")
@@ -148,7 +148,7 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     record_path = run_dir / runs.RECORD
     if record_path.is_file():
         train_acc = train_adversarial_accuracy(runs.read_json(record_path), eps, norm)
-    log(f"masking checks on the first {m} images")
+    log(f"masking checks: {checks_scope(n, m, any(s.gradient_free for s in stages))}")
     checks = masking_checks(model, x[:m], y[:m], result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
                             train_adv_accuracy=train_acc)
     failed = [c["check"] for c in checks if not c["passed"]]

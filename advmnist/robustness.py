@@ -215,6 +215,16 @@ def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: flo
 LARGE_EPS = {"linf": 1.0, "l2": 28.0}  # either reaches every image in [0, 1]^784 from any other
 
 
+def checks_scope(n: int, check_n: int, score_based: bool) -> str:
+    """Which images the masking checks ran on: the score-based check reads the whole evaluation's
+    per-attack table, the others attack the first check_n images again."""
+    if check_n >= n:
+        return f"on all {n} images"
+    if score_based:
+        return f"the score-based one on all {n} evaluated images, the others on the first {check_n}"
+    return f"on the first {check_n} images"
+
+
 def masking_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: dict, robust: torch.Tensor, *,
                    eps: float,
                    norm: str = "linf", steps: int = 100, seed: int = 0, train_adv_accuracy: float | None = None,

@@ -11,7 +11,7 @@ from advmnist.attacks import pgd
 from advmnist.cli import main
 from advmnist.errors import AdvmnistError
 from advmnist.models import create_model
-from advmnist.robustness import sanity_checks, worst_case
+from advmnist.robustness import checks_scope, sanity_checks, worst_case
 from advmnist.train import Adversarial, detect_overfitting, fit, resolve_recipe
 
 
@@ -122,3 +122,11 @@ def test_cli_robust_evaluation_and_adversarial_training(tmp_path):
     assert result.exit_code == 0, result.output
     robust = json.loads((run / "eval" / "robust.json").read_text())
     assert robust["settings"]["attacks"][:2] == ["fgsm", "pgd-1"] and len(robust["per_attack"]) == 1 + 1 + 9
+
+
+def test_checks_scope_names_the_images_each_check_ran_on():
+    # the score-based check reads the whole evaluation; the others re-attack only the first check_n
+    assert checks_scope(10000, 1000, True) == ("the score-based one on all 10000 evaluated images, "
+                                               "the others on the first 1000")
+    assert checks_scope(10000, 1000, False) == "on the first 1000 images"
+    assert checks_scope(500, 500, True) == "on all 500 images"

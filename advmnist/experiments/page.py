@@ -11,6 +11,7 @@ import statistics
 
 from ..models import get_spec
 from ..records import RobustRecord
+from ..robustness import checks_scope
 from ..train import resolve_recipe
 from .outcome import Outcome
 from .spec import Robust, adversarial_of
@@ -168,7 +169,9 @@ def _robust_section(o: Outcome, figures: dict[str, str]) -> str:
                   f"| none (clean) | {rec.clean_accuracy:.2f} | {rec.clean_accuracy:.2f} | | |"]
         lines += [f"| {a.attack} | {_fmt(a.robust_accuracy_alone)} | {a.robust_accuracy_after:.2f} | "
                   f"{_blank(a.attacked)} | {_blank(a.seconds)} |" for a in rec.per_attack]
-        lines += ["", f"Masking checks on the first {rec.settings['check_n']} images:", ""]
+        scope = checks_scope(rec.settings["n"], rec.settings["check_n"],
+                             any(a.gradient_free for a in rec.per_attack))
+        lines += ["", f"Masking checks ({scope}):", ""]
         lines += [f"- {'passed' if c.passed else '**FLAGGED**'}: {c.check} ({c.detail})" for c in rec.checks]
     return "\n".join(lines) + "\n\n"
 
