@@ -7,10 +7,11 @@ from .errors import AdvmnistError  # noqa: E402
 # `from advmnist import load_mnist, create_model` imports torch on first use, not on `import advmnist`:
 # the CLI's --help, --version and shell completion never need it (PEP 562).
 _LAZY = {"MNIST": "data", "load_mnist": "data", "Recipe": "models", "create_model": "models",
-         "list_models": "models", "register_model": "models"}
+         "list_models": "models", "register_model": "models", "robust_accuracy": "evaluation",
+         "load_module": "foreign", "load_model_file": "foreign"}
 
 __all__ = ["MNIST", "load_mnist", "AdvmnistError", "Recipe", "create_model", "list_models",
-           "register_model", "__version__"]
+           "register_model", "robust_accuracy", "load_module", "load_model_file", "__version__"]
 
 
 def __getattr__(name: str):

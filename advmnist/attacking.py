@@ -22,6 +22,7 @@ from .data import MNIST
 from .devices import pick_device
 from .errors import InvalidValue
 from .execution import check_params, execute_attack, select
+from .foreign import load_run_model
 from .measures import evaluate
 
 ATTACKS_DIR = "attacks"
@@ -105,7 +106,7 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
     dev = pick_device(device)
     root = Path(out) / ATTACKS_DIR
     runs.check_output_dir(root)  # before the attack, not after it
-    model, ckpt = runs.load_checkpoint(run_dir, map_location=dev)
+    model, ckpt = load_run_model(run_dir, map_location=dev)
     data = data.to(dev)
     clean = evaluate(model, data.test_x, data.test_y)["accuracy"]
     chosen = select(data, per_digit=per_digit, limit=limit, targeted=targeted, target_map=target_map)
@@ -155,7 +156,7 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
             record_files["matrix"] = "matrix.png"
         record = {
             "kind": "attack", "method": method, "name": name,
-            "model": {"name": ckpt["model"], "options": ckpt["options"], "run": str(run_dir),
+            "model": {"name": ckpt["model"], "options": ckpt.get("options", {}), "run": str(run_dir),
                       "checkpoint_sha256": ckpt["sha256"], "clean_test_accuracy": clean},
             "seed": seed, "data_checksum": data.checksum,
             "selection": {"per_digit": per_digit, "limit": limit, "targeted": targeted,

@@ -307,20 +307,40 @@ def _names(ctx, param, value):
                    "is tighter and costs hundreds of forward passes).")
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="With --robust: also certified accuracy (IBP/CROWN lower bound), so the true value is an interval.")
+@click.option("--module", "module", default=None, metavar="FILE.py:FACTORY",
+              help="Evaluate your own network: FACTORY() in FILE.py builds it (pixels in [0, 1] in, (N, 10) "
+                   "logits out); its run directory goes under --out.")
+@click.option("--weights", type=click.Path(), default=None, help="With --module: a state_dict file to load.")
+@click.option("--model-file", type=click.Path(), default=None,
+              help="Evaluate a model saved as one file: torch.export (.pt2) or TorchScript.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @trust_option
 @out_option
 @data_dir_option
 def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, steps, restarts, queries, alone, limit,
-                 check_n, certify, bound, out, data_dir) -> None:
-    """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run."""
-    from .evaluation import evaluate_run, robust_evaluate_run
+                 check_n, certify, bound, module, weights, model_file, device, out, data_dir) -> None:
+    """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run, or of your
+    own model (--module, --model-file); with --robust, the robust accuracy interval and masking checks."""
+    from .devices import pick_device
 
-    run_dir = _pick_run(run, model_name, out)
+    pick_device(device)  # before anything is loaded
+    if weights is not None and module is None:
+        raise AdvmnistError("--weights goes with --module FILE.py:FACTORY")
+    foreign = module is not None or model_file is not None
+    if foreign and (run is not None or model_name is not None):
+        raise AdvmnistError("give a run (--run/--model) or your own model (--module/--model-file), not both")
+    from .evaluation import evaluate_run, foreign_run, robust_evaluate_run
+
     data = _load_data(data_dir)
+    if foreign:
+        run_dir = foreign_run(data, out=out, module=module, weights=weights, model_file=model_file, device=device)
+        click.echo(f"run: {run_dir}", err=True)
+    else:
+        run_dir = _pick_run(run, model_name, out)
     if robust:
         rr = robust_evaluate_run(run_dir, data, eps=eps, norm=norm, ensemble=ensemble, attacks=attacks, steps=steps,
                                  restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
-                                 certify=certify, bound=bound,
+                                 certify=certify, bound=bound, device=device,
                                  log=lambda line: click.echo(f"  {line}", err=True))
         click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at {norm} eps {eps:g} "
                    f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over the {ensemble} ensemble, "
@@ -331,7 +351,7 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
             click.echo(f"  [{'ok' if c['passed'] else 'FLAGGED'}] {c['check']}: {c['detail']}")
         for w in rr["warnings"]:
             click.echo(f"warning: {w}", err=True)
-    rec = evaluate_run(run_dir, data, image_index=image)
+    rec = evaluate_run(run_dir, data, image_index=image, device=device)
     click.echo(f"{rec['model']}: test accuracy {rec['accuracy']:.2f}% on {rec['n']} images")
     click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
     click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "
@@ -482,7 +502,8 @@ def experiment_group() -> None:
               help="Where pages go (default: results/ beside the spec).")
 @click.option("--no-train", is_flag=True, help="Train nothing; variants without runs are listed as pending.")
 @click.option("--device", default="cpu", show_default=True,
-              help="Where the runs train: cpu or cuda (with --executor ray each training task asks for a GPU).")
+              help="auto, cpu, cuda or mps: where the runs train and the attacks, robust evaluations and "
+                   "transfer run (with --executor ray each task asks for a GPU on cuda).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: one run or attack after another in this process. ray: each training run and "
                    "attack is a Ray task on a Ray cluster (pip install -e '.[ray]'); --out must be a path "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from pathlib import Path
 
@@ -33,17 +35,24 @@ def conv_feature_maps(model: nn.Module, image: torch.Tensor) -> dict[str, torch.
     return maps
 
 
-def evaluate_run(run_dir: str | Path, data: MNIST, *, image_index: int = 0, samples: int = 32) -> dict:
-    """Evaluate a finished training run on the test set and write `run_dir/eval/`."""
+def evaluate_run(run_dir: str | Path, data: MNIST, *, image_index: int = 0, samples: int = 32,
+                 device: str = "cpu") -> dict:
+    """Evaluate a finished training run (or a foreign model's run) on the test set, on `device`, and
+    write `run_dir/eval/`."""
+    from .devices import pick_device
+    from .foreign import load_run_model
+
     run_dir = Path(run_dir)
     if not 0 <= image_index < len(data.test_x):
         raise AdvmnistError(f"--image must be in [0, {len(data.test_x) - 1}], got {image_index}")
     start = time.perf_counter()
-    model, ckpt = runs.load_checkpoint(run_dir)
-    x, y = data.test_x, data.test_y
+    dev = pick_device(device)
+    model, ckpt = load_run_model(run_dir, map_location=dev)
+    x, y = data.test_x.to(dev), data.test_y.to(dev)
     result = evaluate(model, x, y)
-    probs = predict_logits(model, x).softmax(1)
-    conf, pred = probs.max(1)
+    conf, pred = (t.cpu() for t in predict_logits(model, x).softmax(1).max(1))
+    maps = {k: v.cpu() for k, v in conv_feature_maps(model, x[image_index]).items()}
+    x, y = x.cpu(), y.cpu()
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
     name = ckpt["model"]
@@ -55,7 +64,6 @@ def evaluate_run(run_dir: str | Path, data: MNIST, *, image_index: int = 0, samp
     wrong = (pred != y).nonzero().flatten()[:samples]
     pictures.prediction_gallery(x[wrong], y[wrong].tolist(), pred[wrong].tolist(), conf[wrong].tolist(),
                                 out / "wrong.png", title=f"{name}: wrong predictions (true -> predicted)")
-    maps = conv_feature_maps(model, x[image_index])
     if maps:
         pictures.feature_maps(maps, x[image_index], out / "feature_maps.png",
                               title=f"{name}: conv feature maps of test image {image_index} "
@@ -109,17 +117,33 @@ def check_soundness(certified_mask: torch.Tensor, robust_mask: torch.Tensor, eps
                             f"robust but an attack broke them; this is a bug in advmnist.bounds or in the attack")
 
 
-def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, ensemble: str = "standard",
-                        attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
-                        queries: int | None = None, norm: str = "linf", limit: int | None = 1000,
-                        check_n: int = 1000, alone: bool = False, certify: bool = True, bound: str = "auto",
-                        seed: int = 0,
-                        log=lambda s: None) -> dict:
-    """Robust accuracy as an interval for a run: certified (IBP/CROWN lower bound) <= true <= attacked
-    (worst case per example over an attack ensemble), plus the masking checks; writes
-    `run_dir/eval/robust.json`. An example certified robust yet broken by an attack is a bug in one
-    of the two and stops the evaluation. Certified images beyond the first `check_n` are not
-    attacked: the bound proves what any attack would find."""
+def foreign_run(data: MNIST, *, out: str | Path = "runs", module: str | None = None,
+                weights: str | Path | None = None, model_file: str | Path | None = None,
+                device: str = "cpu") -> Path:
+    """A run directory under `out` for a model the zoo does not have (`advmnist.foreign`), made once the
+    model has been loaded and seen to classify the first 1000 test images on [0, 1] pixels; then
+    `evaluate_run`, `robust_evaluate_run` and `run_attack` take it like a training run."""
+    from .devices import pick_device
+    from .foreign import check_model, load, write_run
+
+    model, info = load(module, weights, model_file)
+    dev = pick_device(device)
+    runs.check_output_dir(out)
+    with eval_mode(model.to(dev)):
+        accuracy = check_model(model, data.test_x[:1000].to(dev), data.test_y[:1000].to(dev))
+    return write_run(out, info, data.checksum, accuracy)
+
+
+def robust_evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3,
+                          ensemble: str = "standard", attacks: list[str] | None = None, steps: int | None = None,
+                          restarts: int | None = None, queries: int | None = None, norm: str = "linf",
+                          check_n: int = 1000, alone: bool = False, certify: bool = True, bound: str = "auto",
+                          seed: int = 0, train_adv_accuracy: float | None = None, log=lambda s: None) -> dict:
+    """Robust accuracy of any model on x, y as an interval: certified (IBP/CROWN lower bound) <= true
+    <= attacked (worst case per example over an attack ensemble), plus the masking checks; the body of
+    a `RobustRecord`. Runs where x lives. An example certified robust yet broken by an attack is a
+    bug in one of the two and stops the evaluation. Certified images beyond the first `check_n` are
+    not attacked: the bound proves what any attack would find."""
     from .robustness import checks_scope, ensemble_stages, masking_checks, run_ensemble
 
     if not eps >= 0:
@@ -127,11 +151,8 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     if norm not in ("linf", "l2"):
         raise AdvmnistError(f"norm must be linf or l2, got {norm!r}")
     stages = ensemble_stages(ensemble, attacks, steps=steps, restarts=restarts, queries=queries)
-    run_dir = Path(run_dir)
     start = time.perf_counter()
-    model, ckpt = runs.load_checkpoint(run_dir)
-    n = len(data.test_y) if not limit else min(limit, len(data.test_y))
-    x, y = data.test_x[:n], data.test_y[:n]
+    n = len(y)
     certificate, cert_mask = certify_examples(model, x, y, eps, norm, log, bound) if certify else (None, None)
     m = min(check_n, n)
     proven = None
@@ -144,25 +165,139 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     robust = result.pop("robust_mask")
     if cert_mask is not None:
         check_soundness(cert_mask, robust, eps)
+    log(f"masking checks: {checks_scope(n, m, any(s.gradient_free for s in stages))}")
+    checks = masking_checks(model, x[:m], y[:m], result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
+                            train_adv_accuracy=train_adv_accuracy)
+    failed = [c["check"] for c in checks if not c["passed"]]
+    return {"kind": "robust-evaluate", "seed": seed,
+            "settings": {"eps": eps, "norm": norm, "ensemble": ensemble, "attacks": [s.key for s in stages],
+                         "steps": steps, "restarts": restarts, "queries": queries, "alone": alone, "n": n,
+                         "check_n": m, "device": str(x.device)},
+            **result, "not_robust": (~robust).nonzero().flatten().tolist(), "certified": certificate,
+            "interval": [certificate["certified_accuracy"] if certificate and "certified_accuracy" in certificate
+                         else None, result["robust_accuracy"]],
+            "checks": checks, "masking": {"flagged": bool(failed), "failed": failed},
+            "warnings": [f"possible gradient masking: {c['check']} failed ({c['detail']})" for c in checks
+                         if not c["passed"]],
+            "wall_time_s": round(time.perf_counter() - start, 1), "provenance": runs.provenance()}
+
+
+def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, ensemble: str = "standard",
+                        attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
+                        queries: int | None = None, norm: str = "linf", limit: int | None = 1000,
+                        check_n: int = 1000, alone: bool = False, certify: bool = True, bound: str = "auto",
+                        seed: int = 0, device: str = "cpu", log=lambda s: None) -> dict:
+    """`robust_evaluate_model` on the first `limit` test images for a run's model, on `device`;
+    writes `run_dir/eval/robust.json`."""
+    from .devices import pick_device
+    from .foreign import load_run_model
+    from .robustness import ensemble_stages
+
+    ensemble_stages(ensemble, attacks, steps=steps, restarts=restarts, queries=queries)  # bad names before loading
+    dev = pick_device(device)
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    model, ckpt = load_run_model(run_dir, map_location=dev)
+    n = len(data.test_y) if not limit else min(limit, len(data.test_y))
+    x, y = data.test_x[:n].to(dev), data.test_y[:n].to(dev)
     train_acc = None
     record_path = run_dir / runs.RECORD
     if record_path.is_file():
         train_acc = train_adversarial_accuracy(runs.read_json(record_path), eps, norm)
-    log(f"masking checks: {checks_scope(n, m, any(s.gradient_free for s in stages))}")
-    checks = masking_checks(model, x[:m], y[:m], result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
-                            train_adv_accuracy=train_acc)
-    failed = [c["check"] for c in checks if not c["passed"]]
+    body = robust_evaluate_model(model, x, y, eps=eps, ensemble=ensemble, attacks=attacks, steps=steps,
+                                 restarts=restarts, queries=queries, norm=norm, check_n=check_n, alone=alone,
+                                 certify=certify, bound=bound, seed=seed, train_adv_accuracy=train_acc, log=log)
     record = {"kind": "robust-evaluate", "run": str(run_dir), "model": ckpt["model"],
-              "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, "seed": seed,
-              "settings": {"eps": eps, "norm": norm, "ensemble": ensemble, "attacks": [s.key for s in stages],
-                           "steps": steps, "restarts": restarts, "queries": queries, "alone": alone, "n": n,
-                           "check_n": m},
-              **result, "not_robust": (~robust).nonzero().flatten().tolist(), "certified": certificate,
-              "interval": [certificate["certified_accuracy"] if certificate and "certified_accuracy" in certificate
-                           else None, result["robust_accuracy"]],
-              "checks": checks, "masking": {"flagged": bool(failed), "failed": failed},
-              "warnings": [f"possible gradient masking: {c['check']} failed ({c['detail']})" for c in checks
-                           if not c["passed"]],
-              "wall_time_s": round(time.perf_counter() - start, 1), "provenance": runs.provenance()}
+              "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, **body,
+              "wall_time_s": round(time.perf_counter() - start, 1)}
     runs.write_json(run_dir / "eval" / "robust.json", record)
     return record
+
+
+def _as_images(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as (N, 1, 28, 28) float pixels in [0, 1] and y as (N,) int64 labels 0..9, or InvalidValue."""
+    from .errors import InvalidValue
+
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InvalidValue("x and y must be torch tensors")
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
+        raise InvalidValue(f"x must hold MNIST images (N, 1, 28, 28) or (N, 28, 28), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InvalidValue(f"x must hold float pixels in [0, 1], got {x.dtype} (divide uint8 images by 255)")
+    if y.shape != (len(x),) or y.is_floating_point() or y.dtype == torch.bool:
+        raise InvalidValue(f"y must hold one integer label per image ({len(x)},), got {tuple(y.shape)} {y.dtype}")
+    if len(x) == 0:
+        raise InvalidValue("x holds no images")
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise InvalidValue(f"x must hold pixels in [0, 1], got values in [{x.min().item():g}, {x.max().item():g}]; "
+                           f"make normalisation the model's first layer (advmnist.models.Normalize)")
+    if y.min() < 0 or y.max() > 9:
+        raise InvalidValue(f"y must hold labels 0..9, got values in [{y.min().item()}, {y.max().item()}]")
+    return x, y.long()
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return None
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module, device: torch.device):
+    """Run on `device` and leave the model as it was found: device, each module's mode, and each
+    parameter's requires_grad and .grad."""
+    home = _model_device(model)
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    try:
+        if home is not None and home != device:
+            model.to(device)
+        yield model
+    finally:
+        if home is not None and home != device:
+            model.to(home)
+        for m, mode in modes:
+            m.training = mode
+        for p, requires, grad in grads:
+            p.requires_grad_(requires)
+            p.grad = grad
+
+
+def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "linf",
+                    ensemble: str = "standard", certify: bool = True, device: str | torch.device | None = None,
+                    attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
+                    queries: int | None = None, check_n: int = 1000, alone: bool = False, bound: str = "auto",
+                    seed: int = 0, log=lambda s: None):
+    """Robust accuracy of any MNIST classifier: the worst case per example over an attack ensemble
+    (AutoAttack's APGD-CE, APGD-T and Square by default), the certified lower bound where
+    `advmnist.bounds` can bound the model, and the masking checks, as a `records.RobustRecord`.
+
+    `model`: any nn.Module taking pixels in [0, 1] (N, 1, 28, 28) and returning (N, 10) logits.
+    `device`: None runs where the model's weights are; "auto", "cpu", "cuda", "mps" or a torch
+    device moves model and images there once. The model is left as it was found (device, modes,
+    requires_grad, gradients)."""
+    from .devices import pick_device
+    from .foreign import check_outputs, pixel_range_hint
+    from .records import RobustRecord, from_dict
+    from .robustness import ensemble_stages
+
+    ensemble_stages(ensemble, attacks, steps=steps, restarts=restarts, queries=queries)
+    x, y = _as_images(x, y)
+    if device is None:
+        dev = _model_device(model) or x.device
+    else:
+        dev = device if isinstance(device, torch.device) else pick_device(device)
+    start = time.perf_counter()
+    x, y = x.to(dev), y.to(dev)
+    with _restored(model, dev), eval_mode(model):
+        accuracy = check_outputs(model, x[:1000], y[:1000])
+        hint = pixel_range_hint(model, x[:1000], y[:1000], accuracy)
+        body = robust_evaluate_model(model, x, y, eps=eps, ensemble=ensemble, attacks=attacks, steps=steps,
+                                     restarts=restarts, queries=queries, norm=norm, check_n=check_n, alone=alone,
+                                     certify=certify, bound=bound, seed=seed, log=log)
+    if hint:
+        body["warnings"] = [hint, *body["warnings"]]
+    body.update(model=type(model).__name__, wall_time_s=round(time.perf_counter() - start, 1))
+    return from_dict(RobustRecord, body)

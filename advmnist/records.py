@@ -255,3 +255,10 @@ class RobustRecord:
     warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
     provenance: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The record as plain JSON values, as `robust.json` holds it."""
+        return dataclasses.asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)

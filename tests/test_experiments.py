@@ -162,7 +162,8 @@ def test_adversarial_spec_gets_a_worst_case_section(tmp_path, small):
     (cached,) = (run / "attack-cache").glob("robust-*.json")
     rec = json.loads(cached.read_text())
     assert rec["settings"] == {"eps": 0.1, "norm": "linf", "ensemble": "quick", "attacks": ["apgd-ce", "apgd-t", "square"],
-                               "steps": 3, "restarts": None, "queries": 50, "alone": False, "n": 100, "check_n": 50}
+                               "steps": 3, "restarts": None, "queries": 50, "alone": False, "n": 100, "check_n": 50,
+                               "device": "cpu"}
     assert "## Robust accuracy under the standard evaluation" in page and f"| {rec['robust_accuracy']:.2f} |" in page
     assert "APGD-CE (3 steps)" in page and "APGD-T (3 steps x 3 targets)" in page and "Square (50 queries)" in page
     assert "advmnist evaluate --robust --eps 0.1 --ensemble quick --steps 3 --queries 50 --limit 100" in page

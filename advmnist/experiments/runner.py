@@ -28,6 +28,7 @@ from .. import runs
 from ..attacks import get_attack
 from ..attacks.core import default_alpha
 from ..data import MNIST, load_mnist
+from ..devices import pick_device
 from ..errors import AdvmnistError
 from ..execution import execute_attack, select
 from ..measures import attack_measures
@@ -92,10 +93,14 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
     if spec.train_limit:
         data = data.subset(spec.train_limit, None)
     out = Path(out)
-    plan = _Plan(executor if executor is not None else LocalExecutor(), data, log)
+    dev = str(pick_device(device))
+    ex = executor if executor is not None else LocalExecutor()
+    if isinstance(ex, LocalExecutor):
+        data = data.to(dev)  # moved once; Ray workers load and move their own
+    plan = _Plan(ex, data, log, dev)
     if not isinstance(plan.ex, LocalExecutor):
         runs.check_output_dir(out)  # before any task is queued
-    rows, pending, trained, reused = _find_or_train(spec, out, device, train, plan)
+    rows, pending, trained, reused = _find_or_train(spec, out, dev, train, plan)
     if not rows:
         raise AdvmnistError(f"{spec_path}: no variant has finished runs; run without --no-train first")
     columns = _attack_columns(spec, rows, plan)
@@ -116,7 +121,7 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
                                                        for row in c.cells)) for c in columns)
     robust = tuple(tuple(from_dict(RobustRecord, h.result()) for h in per_seed) for per_seed in robust)
     curve = tuple(tuple(from_dict(RobustRecord, h.result()) for h in per_eps) for per_eps in curve)
-    transfer = _transfer(spec, rows, data) if spec.transfer else None
+    transfer = _transfer(spec, rows, data, dev) if spec.transfer else None
     outcome = Outcome(spec, spec_path, len(data.train_x), len(data.test_x), rows, pending, columns, robust, curve,
                       transfer, trained, reused, wall_s=0.0, executor=plan.ex.note())
     figures = plots.draw(outcome, results)
@@ -131,8 +136,9 @@ class _Plan:
     """Hands the runner's work to the executor: each cached result is read here when its run is
     finished and its cache holds it, else computed by a task (once, however often it is asked for)."""
 
-    def __init__(self, ex: Executor, data: MNIST, log: Callable[[str], None]):
-        self.ex, self.data, self.log = ex, data, log
+    def __init__(self, ex: Executor, data: MNIST, log: Callable[[str], None], device: str = "cpu"):
+        self.ex, self.data, self.log, self.device = ex, data, log, device
+        self.gpu = device.startswith("cuda")
         self._asked: dict[tuple[int, str], Handle] = {}
 
     def _cell(self, run: Handle, name: str, usable: Callable[[dict], bool], what: str, fn, *args) -> Handle:
@@ -141,14 +147,14 @@ class _Plan:
             path = run.value / "attack-cache" / name if run.done else None
             rec = runs.read_json(path) if path is not None and path.is_file() else None
             self._asked[key] = (known(rec) if rec is not None and usable(rec)
-                                else self.ex.submit(fn, run, *args, what=what))
+                                else self.ex.submit(fn, run, *args, what=what, gpu=self.gpu))
         return self._asked[key]
 
     def attack(self, run: Handle, a: AttackEval, point: dict, seed: int, what: str) -> Handle:
         """The cached attack record (`CachedAttack` as a dict) of one cell."""
         _, key = _attack_key(a, point, seed, self.data)
         return self._cell(run, f"{a.method}-{_key(key)}.json", lambda rec: True, what,
-                          _attack_record, self.data, a, point, seed)
+                          _attack_record, self.data, a, point, seed, self.device)
 
     def robust(self, run: Handle, r: Robust, seed: int, what: str) -> Handle:
         """The cached `RobustRecord` (as a dict) of one run."""
@@ -156,7 +162,7 @@ class _Plan:
             return not (r.certify and rec.get("certified") is None)
 
         return self._cell(run, _robust_name(r, seed, self.data), usable, f"robust evaluation of {what}",
-                          _robust_record, self.data, r, seed, self.ex.task_log(self.log))
+                          _robust_record, self.data, r, seed, self.ex.task_log(self.log), self.device)
 
     def craft(self, run: Handle, t: Transfer, what: str, label: str) -> Handle:
         """The transfer examples crafted on one run, saved in its `attack-cache/`."""
@@ -166,7 +172,7 @@ class _Plan:
                 self._asked[key] = known(_transfer_path(run.value, t, self.data))
             else:
                 self.log(f"transfer: crafting on {label}")
-                self._asked[key] = self.ex.submit(_craft, run, self.data, t, what=what)
+                self._asked[key] = self.ex.submit(_craft, run, self.data, t, self.device, what=what, gpu=self.gpu)
         return self._asked[key]
 
 
@@ -241,22 +247,23 @@ def _attack_key(a: AttackEval, point: dict, seed: int, data: MNIST) -> tuple[dic
     return params, {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
 
 
-def _attack_record(run: Path, data: MNIST, a: AttackEval, point: dict, seed: int) -> dict:
+def _attack_record(run: Path, data: MNIST, a: AttackEval, point: dict, seed: int, device: str = "cpu") -> dict:
     """Overall attack measures for one run (a `CachedAttack` record), computed once and cached in the
     run directory."""
     params, key = _attack_key(a, point, seed, data)
     return _cached(run / "attack-cache" / f"{a.method}-{_key(key)}.json",
-                   lambda: {**key, **_attack(run, data, a, params, seed)})
+                   lambda: {**key, **_attack(run, data, a, params, seed, device)})
 
 
-def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int) -> dict:
+def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int, device: str = "cpu") -> dict:
     """The attack on the first `limit` test images, or, for attacks that always aim at a target, on
     the first image of each digit with target digit + 1."""
-    model, _ = runs.load_checkpoint(run)
+    model, _ = runs.load_checkpoint(run, map_location=device)
     targeted = get_attack(a.method).always_targeted
     chosen = select(data, per_digit=1, targeted=True) if targeted else select(data, limit=a.limit)
-    x, y = data.test_x[chosen.indices], data.test_y[chosen.indices]
-    done = execute_attack(model, a.method, x, y, target=chosen.target, params=params, seed=seed)
+    x, y = data.test_x[chosen.indices].to(device), data.test_y[chosen.indices].to(device)
+    target = None if chosen.target is None else chosen.target.to(device)
+    done = execute_attack(model, a.method, x, y, target=target, params=params, seed=seed)
     return {"overall": done.measures["overall"], "seconds": done.seconds}
 
 
@@ -265,7 +272,7 @@ def _robust_name(r: Robust, seed: int, data: MNIST) -> str:
     return f"robust-{_key({**key, 'seed': seed, 'data': data.checksum})}.json"
 
 
-def _robust_record(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
+def _robust_record(run: Path, data: MNIST, r: Robust, seed: int, log, device: str = "cpu") -> dict:
     """`evaluate --robust` for one run (a `RobustRecord` record), computed once and cached in the run
     directory."""
     from ..evaluation import robust_evaluate_run
@@ -275,24 +282,25 @@ def _robust_record(run: Path, data: MNIST, r: Robust, seed: int, log) -> dict:
         return robust_evaluate_run(run, data, eps=r.eps, ensemble=r.ensemble, attacks=list(r.attacks) or None,
                                    steps=r.steps, restarts=r.restarts, queries=r.queries, norm=r.norm,
                                    alone=r.alone, limit=r.limit or None, check_n=r.check_n, certify=r.certify,
-                                   seed=seed, log=lambda m: log(f"  {m}"))
+                                   seed=seed, device=device, log=lambda m: log(f"  {m}"))
 
     path = run / "attack-cache" / _robust_name(r, seed, data)
     rec = _cached(path, compute)
     if r.certify and rec.get("certified") is None:  # cached before certification existed: add it now
-        rec = _add_certificate(run, data, rec, log)
+        rec = _add_certificate(run, data, rec, log, device)
         runs.write_json(path, rec)
     return rec
 
 
-def _add_certificate(run: Path, data: MNIST, rec: dict, log) -> dict:
+def _add_certificate(run: Path, data: MNIST, rec: dict, log, device: str = "cpu") -> dict:
     """Certify a cached robust record's images and check them against its per-image result."""
     from ..evaluation import certify_examples, check_soundness
 
-    model, _ = runs.load_checkpoint(run)
+    model, _ = runs.load_checkpoint(run, map_location=device)
     n = rec["n"]
-    certificate, mask = certify_examples(model, data.test_x[:n], data.test_y[:n], rec["eps"], rec["norm"],
-                                         lambda m: log(f"  {run.name}: {m}"))
+    certificate, mask = certify_examples(model, data.test_x[:n].to(device), data.test_y[:n].to(device), rec["eps"],
+                                         rec["norm"], lambda m: log(f"  {run.name}: {m}"))
+    mask = mask.cpu() if mask is not None else None
     if mask is not None:
         if "not_robust" in rec:
             robust = torch.ones(n, dtype=torch.bool)
@@ -319,28 +327,29 @@ def _transfer_path(run: Path, t: Transfer, data: MNIST) -> Path:
     return run / "attack-cache" / f"transfer-{key}.pt"
 
 
-def _craft(run: Path, data: MNIST, t: Transfer) -> Path:
+def _craft(run: Path, data: MNIST, t: Transfer, device: str = "cpu") -> Path:
     """Adversarial examples crafted on the run's model, cached in its run directory."""
     cache = _transfer_path(run, t, data)
     if not cache.is_file():
-        source = runs.load_checkpoint(run)[0]
-        x, y = data.test_x[: t.limit], data.test_y[: t.limit]
+        source = runs.load_checkpoint(run, map_location=device)[0]
+        x, y = data.test_x[: t.limit].to(device), data.test_y[: t.limit].to(device)
         x_adv = execute_attack(source, t.method, x, y, params=t.params, seed=0, measure=False).x_adv
         cache.parent.mkdir(exist_ok=True)
         with runs.atomic_path(cache) as tmp:
-            torch.save(x_adv, tmp)
+            torch.save(x_adv.cpu(), tmp)
     return cache
 
 
-def _transfer(spec: Spec, rows, data: MNIST) -> TransferMatrix:
+def _transfer(spec: Spec, rows, data: MNIST, device: str = "cpu") -> TransferMatrix:
     """The examples crafted on each variant's model (first seed; `_craft`), their fooling rate
     (`attack_measures`) on every model."""
     t = spec.transfer
-    models = [(row.variant.label, row.runs[0], runs.load_checkpoint(row.runs[0])[0]) for row in rows]
-    x, y = data.test_x[: t.limit], data.test_y[: t.limit]
+    models = [(row.variant.label, row.runs[0], runs.load_checkpoint(row.runs[0], map_location=device)[0])
+              for row in rows]
+    x, y = data.test_x[: t.limit].to(device), data.test_y[: t.limit].to(device)
     matrix = []
     for _, run, _ in models:
-        x_adv = torch.load(_transfer_path(run, t, data), weights_only=True)
+        x_adv = torch.load(_transfer_path(run, t, data), map_location=device, weights_only=True)
         matrix.append(tuple(attack_measures(target, x, y, x_adv)["overall"]["fooling_rate"] or 0.0
                             for _, _, target in models))
     return TransferMatrix(t, tuple(label for label, _, _ in models), tuple(matrix))
