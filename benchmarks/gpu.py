@@ -116,6 +116,7 @@ def measure(args) -> None:
     note("train strided-wide, TRADES (adversarial.toml row 4)", seconds_per_epoch=epochs, **info)
     model, ckpt = load_checkpoint(run, map_location=dev)
     (out / "trades-strided-wide.pt").write_bytes((run / "model.pt").read_bytes())
+    (out / "trades-strided-wide.json").write_bytes((run / "record.json").read_bytes())
     cert, s = timed(dev, lambda: certify_examples(model, x, y, 0.3)[0])
     note(f"certification at Linf eps 0.3, {n} test images (strided-wide TRADES)", seconds=round(s, 2),
          method=cert.get("method"), certified_accuracy=cert.get("certified_accuracy"), skipped=cert.get("skipped"))
