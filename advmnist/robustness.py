@@ -161,7 +161,7 @@ def ensemble_stages(ensemble: str = "standard", attacks: tuple[str, ...] | list[
 
 
 def _run_stage(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str,
-               seed: int, batch_size: int) -> torch.Tensor:
+               seed: int, batch_size: int | None) -> torch.Tensor:
     """Whether each example is still classified correctly after the stage's attack."""
     params = dict(stage.params)
     offset = params.pop("seed_offset", 0)
@@ -176,7 +176,7 @@ def _run_stage(model: nn.Module, stage: Stage, x: torch.Tensor, y: torch.Tensor,
 
 
 def run_ensemble(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, stages: tuple[Stage, ...],
-                 norm: str = "linf", seed: int = 0, alone: bool = False, batch_size: int = 1000,
+                 norm: str = "linf", seed: int = 0, alone: bool = False, batch_size: int | None = None,
                  proven: torch.Tensor | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Robust accuracy (%) under an ensemble, worst case per example.
 
@@ -228,7 +228,7 @@ def checks_scope(n: int, check_n: int, score_based: bool) -> str:
 def masking_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result: dict, robust: torch.Tensor, *,
                    eps: float,
                    norm: str = "linf", steps: int = 100, seed: int = 0, train_adv_accuracy: float | None = None,
-                   threshold_pp: float = 0.5, batch_size: int = 1000) -> list[dict]:
+                   threshold_pp: float = 0.5, batch_size: int | None = None) -> list[dict]:
     """Signs of gradient masking (Athalye et al. 2018; Carlini et al. 2019; Croce & Hein 2020).
 
     Each check is {check, passed, detail}; a failed one means the robust accuracy is not to be

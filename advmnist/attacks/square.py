@@ -20,6 +20,7 @@ from .losses import margin
 from .windowed import WindowedLogits
 
 WINDOWED_SHARE = 16  # windows of at most 1/16 of the image are evaluated from cached activations
+CHECK_EVERY = 50  # off the CPU: queries between looks at which examples are broken (each look waits for the device)
 
 
 def _p_schedule(it: int, queries: int, p_init: float) -> float:
@@ -30,6 +31,11 @@ def _p_schedule(it: int, queries: int, p_init: float) -> float:
         if it > bound:
             return p_init / div
     return p_init
+
+
+def _per_query(device: torch.device) -> bool:
+    """Whether to use the windows and drop broken examples after every query (on a CPU)."""
+    return device.type == "cpu"
 
 
 def _signs(shape, generator, like: torch.Tensor) -> torch.Tensor:
@@ -68,6 +74,11 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
     the model's outputs are all it reads. With `fast`, once the windows are small (at most 1/16 of
     the image, most of the budget) each query recomputes only the activations its window reaches
     (`windowed.py`); an example is declared broken only after a whole forward pass agrees.
+
+    On a CPU, multiplies are what a query costs, so the windows are used and broken examples leave
+    the batch at once. On a GPU a query is a few kernel launches over the whole batch, and waiting for
+    the device is what costs: whole forward passes, and a look at which examples are broken every
+    `CHECK_EVERY` queries; an example broken in between keeps the point that broke it.
     """
     check_inputs(x, y)
     check_non_negative(eps=eps, queries=queries)
@@ -90,6 +101,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
         if norm == "linf":
             lo, hi = (xs - eps).clamp(min=0), (xs + eps).clamp(max=1)
         windowed = None
+        on_cpu = _per_query(x.device)
         for it in range(int(queries)):
             if not len(idx):
                 break
@@ -99,7 +111,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
                 vh, vw = _randint(h - s + 1, generator), _randint(w - s + 1, generator)
                 win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
                 patch = torch.clamp(xb[win] + 2 * eps * _signs((len(xs), c, 1, 1), generator, x), lo[win], hi[win])
-                if windowed is None and fast and s * s * WINDOWED_SHARE <= h * w:
+                if windowed is None and fast and on_cpu and s * s * WINDOWED_SHARE <= h * w:
                     windowed = WindowedLogits.build(model, x[:1]) or False
                     if windowed:
                         windowed.start(xb)
@@ -110,16 +122,18 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
                     cand[win] = patch
                     logits = f(cand)
                 mc = margin(logits, ys)
-                better = mc < mb
+                better = (mc < mb) & (mb > 0)
                 if windowed:
                     windowed.accept(proposal, better)
                 xb[win] = torch.where(better.view(-1, 1, 1, 1), patch, xb[win])
             else:
                 cand = _l2_step(xs, xb, eps, p, generator)
                 mc = margin(f(cand), ys)
-                better = mc < mb
+                better = (mc < mb) & (mb > 0)
                 xb = torch.where(better.view(-1, 1, 1, 1), cand, xb)
             mb = torch.where(better, mc, mb)
+            if not on_cpu and (it + 1) % CHECK_EVERY and it + 1 < int(queries):
+                continue
             broken = mb <= 0
             if broken.any() and windowed:  # the windowed logits carry rounding: confirm with a whole pass
                 exact = margin(f(xb[broken]), ys[broken])
