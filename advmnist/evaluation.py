@@ -163,11 +163,12 @@ def robust_evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     result = run_ensemble(model, x, y, eps=eps, stages=stages, norm=norm, seed=seed, alone=alone, proven=proven,
                           log=log)
     robust = result.pop("robust_mask")
+    log(f"masking checks: {checks_scope(n, m, any(s.gradient_free for s in stages))}")
+    checks = masking_checks(model, x, y, result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
+                            train_adv_accuracy=train_adv_accuracy, check_n=m)
+    result.pop("broken_by")
     if cert_mask is not None:
         check_soundness(cert_mask, robust, eps)
-    log(f"masking checks: {checks_scope(n, m, any(s.gradient_free for s in stages))}")
-    checks = masking_checks(model, x[:m], y[:m], result, robust, eps=eps, norm=norm, steps=steps or 100, seed=seed,
-                            train_adv_accuracy=train_adv_accuracy)
     failed = [c["check"] for c in checks if not c["passed"]]
     return {"kind": "robust-evaluate", "seed": seed,
             "settings": {"eps": eps, "norm": norm, "ensemble": ensemble, "attacks": [s.key for s in stages],

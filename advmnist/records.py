@@ -73,6 +73,7 @@ class Epoch:
     robust_accuracy: float | None = None  # adversarial training: PGD accuracy on the monitor images
     certified_accuracy: float | None = None  # IBP training: certified accuracy on the monitor images
     ramping: bool = False  # eps was still ramping up
+    at_chance: bool = False  # test accuracy at chance (advmnist.train.CHANCE): never the epoch kept
     warnings: list[str] = field(default_factory=list)
     restored_epoch: int | None = None  # last epoch only: the weights kept were this epoch's
 
@@ -97,6 +98,7 @@ class RunRecord:
     checkpoint_sha256: str = ""
     reported_accuracy: float | None = None
     adversarial: dict | None = None  # advmnist.train.Adversarial fields; None: standard training
+    schedule: dict | None = None  # the eps schedule as trained (warm-up and ramp resolved from the epochs)
     warnings: list[str] = field(default_factory=list)
     wall_time_s: float = 0.0
     provenance: dict = field(default_factory=dict)
@@ -214,6 +216,7 @@ class Check:
     check: str = ""
     passed: bool = True
     detail: str = ""
+    counts: dict | None = None  # images the check found, its limit, and what more restarts recovered
 
 
 @dataclass(frozen=True)

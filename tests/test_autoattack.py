@@ -13,7 +13,7 @@ from advmnist.cli import main
 from advmnist.errors import AdvmnistError
 from advmnist.evaluation import train_adversarial_accuracy
 from advmnist.measures import predict_logits
-from advmnist.robustness import ensemble_stages, masking_checks, run_ensemble
+from advmnist.robustness import ensemble_stages, image_limit, masking_checks, run_ensemble
 
 
 def acc(model, x, y):
@@ -146,7 +146,7 @@ def test_masking_detector_fires_on_a_masked_model_and_stays_silent_on_a_plain_on
     assert not flags["a score-based attack finds nothing the gradient attacks missed"]
     assert not flags["input gradients are not zero"]
     assert not flags["a gradient attack at an eps that reaches any image wins"]
-    square_row = res_m["per_attack"][-1]
+    (square_row,) = [r for r in res_m["per_attack"] if r["key"] == "square"]
     assert square_row["gradient_free"] and square_row["broke_pp"] > 0.5
 
 
@@ -188,3 +188,42 @@ def test_cli_attack_with_the_new_methods(tmp_path):
     rec = json.loads((run / "eval" / "robust.json").read_text())
     assert rec["settings"]["attacks"] == ["apgd-ce", "apgd-t", "square"] and rec["n"] == 60
     assert isinstance(rec["masking"]["flagged"], bool) and len(rec["checks"]) == 4
+
+
+def test_a_flag_is_a_count_of_images_never_fewer_than_two():
+    assert image_limit(200, 0.5) == 2 and image_limit(1000, 0.5) == 5 and image_limit(10000, 0.5) == 50
+
+
+def _fake_result(n: int, square_broke: int, device) -> tuple[dict, torch.Tensor]:
+    """An ensemble result claiming every image survived the gradient attack and Square broke the first few."""
+    broken_by = torch.full((n,), -1, dtype=torch.long, device=device)
+    broken_by[:square_broke] = 1
+    robust = broken_by < 0
+    rows = [{"attack": "APGD-CE", "key": "apgd-ce", "gradient_free": False, "broke_pp": 0.0},
+            {"attack": "Square", "key": "square", "gradient_free": True, "broke_pp": 100.0 * square_broke / n}]
+    return {"per_attack": rows, "broken_by": broken_by,
+            "robust_accuracy": 100.0 * robust.float().mean().item()}, robust
+
+
+def test_square_only_images_that_restarts_break_are_an_unconverged_start_not_masking(model, batch):
+    x, y = batch[0][:20], batch[1][:20]
+    result, robust = _fake_result(20, 8, x.device)
+    (score,) = [c for c in masking_checks(model, x, y, result, robust, eps=0.3, steps=5, check_n=4)
+                if c["check"].startswith("a score-based")]
+    counts = score["counts"]
+    assert counts["score_based_only"] == 8 and counts["limit"] == 2 and counts["escalation"]
+    assert counts["recovered_by_restarts"] + counts["square_only"] == 8
+    assert counts["recovered_by_restarts"] >= 7  # eps 0.3 breaks a 1-epoch net from any start
+    assert score["passed"] and "8 image(s)" in score["detail"] and "attacked again" in score["detail"]
+
+
+def test_every_image_a_check_breaks_counts_in_the_robust_accuracy(model, batch):
+    x, y = batch[0][:30], batch[1][:30]
+    result, robust = _fake_result(30, 0, x.device)  # claims all 30 robust at eps 0.3: not so
+    checks = masking_checks(model, x, y, result, robust, eps=0.3, steps=5, check_n=20)
+    row = result["per_attack"][-1]
+    assert row["key"] == "check-restarts" and row["broke_pp"] > 40
+    assert result["robust_accuracy"] == row["robust_accuracy_after"] == 100.0 * robust.float().mean().item()
+    assert robust[20:].all()  # only the first check_n were attacked again
+    (more,) = [c for c in checks if c["check"].startswith("more restarts")]
+    assert not more["passed"] and more["counts"]["broken"] > 2

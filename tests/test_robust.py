@@ -121,7 +121,8 @@ def test_cli_robust_evaluation_and_adversarial_training(tmp_path):
                                   "--steps", "5", "--restarts", "1", "--limit", "100"])
     assert result.exit_code == 0, result.output
     robust = json.loads((run / "eval" / "robust.json").read_text())
-    assert robust["settings"]["attacks"][:2] == ["fgsm", "pgd-1"] and len(robust["per_attack"]) == 1 + 1 + 9
+    assert robust["settings"]["attacks"][:2] == ["fgsm", "pgd-1"] and len(robust["per_attack"]) == 1 + 1 + 9 + 1
+    assert robust["per_attack"][-1]["key"] == "check-restarts"  # the check's attack counts too
 
 
 def test_checks_scope_names_the_images_each_check_ran_on():
