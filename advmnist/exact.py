@@ -9,7 +9,8 @@ are, the fewer binaries and the faster HiGHS (scipy.optimize.milp) proves the an
 The verdict per example is "robust" (every margin's minimum is positive), "not robust" (a point
 in the ball is misclassified: the solver's point is checked on the model itself), or "unknown"
 (the time limit ran out first). Affine layers between ReLUs are composed into dense matrices, so
-this is for small nets: the `mlp`, small CNNs, test-sized models. Max pooling is not handled.
+this is for small nets: the `mlp`, small CNNs, test-sized models. Max pooling is not handled, and
+the net must be a chain of layers (an nn.Sequential or a forward without branches).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def _segments(layers: list[Layer]) -> list[tuple[int, int]]:
     """(start, stop) index ranges of the affine stretches between ReLUs (the last ends at the logits)."""
     cuts, start = [], 0
     for i, layer in enumerate(layers):
+        if layer.inputs not in ((), (i - 1,)):
+            raise BoundError(f"exact verification needs an nn.Sequential (a chain of layers): '{layer.name}' "
+                             f"does not just read the layer before it")
         if isinstance(layer.module, nn.MaxPool2d):
             raise BoundError(f"exact verification does not handle max pooling (layer '{layer.name}')")
         if isinstance(layer.module, nn.ReLU):
@@ -79,6 +83,7 @@ def verify(model: nn.Module, x: torch.Tensor, y: int, eps: float, *, time_limit:
         if bounds == "ibp":
             raise
         layers, pre = preactivation_bounds(model, x, eps, intermediate="ibp")
+    segments = _segments(layers)
     from .bounds import TOLERANCE, crown_margins, ibp_margins
 
     with torch.no_grad():
@@ -86,7 +91,6 @@ def verify(model: nn.Module, x: torch.Tensor, y: int, eps: float, *, time_limit:
             known = crown_margins(model, x, torch.tensor([y]), eps, intermediate=bounds)[0]
         except BoundError:
             known = ibp_margins(model, x, torch.tensor([y]), eps)[0]
-    segments = _segments(layers)
     lo0, hi0 = (t.flatten().double().numpy() for t in input_box(x, eps))
     # variables: the input, then for each ReLU layer its outputs a, then the binaries of unstable neurons
     var_lo, var_hi, integrality = [lo0], [hi0], [np.zeros_like(lo0)]

@@ -150,7 +150,8 @@ def render(path: Path, write: bool) -> None:
     result = json.loads(path.read_text())
     steps = result["steps"]
     lines = [BEGIN, "## On a GPU: training, attacks, certification and the robust evaluation", "",
-             f"GPU: {result['gpu']}; torch {result['torch']}; {result['n']} test images. Command: `python "
+             f"GPU: {result['gpu']}; torch {result['torch']}; {result['n']} test images; commit "
+             f"`{result.get('commit', '?')}`. Command: `python "
              f"benchmarks/gpu.py --out DIR` on that machine, then `python benchmarks/gpu.py --render DIR/gpu.json` "
              f"here. One process, one step after another; times from `torch.cuda.synchronize()` to "
              f"`torch.cuda.synchronize()`. Absolute times hold for this GPU only.", "",
@@ -177,6 +178,8 @@ def render(path: Path, write: bool) -> None:
                       f"advmnist's standard ensemble at its full budget (100 steps) took {standard['seconds']:.1f} s "
                       f"({theirs['seconds'] / standard['seconds']:.1f}x faster than torchattacks at 10 steps), "
                       f"robust accuracy {standard['robust_accuracy']:.2f}%."]
+    if result.get("note"):
+        lines += ["", result["note"]]
     for st in steps:
         if "per_attack" in st:
             lines.append(f"- {st['step']}: " + "; ".join(f"{a} {acc:.2f}% ({s:.1f} s)" for a, acc, s in st["per_attack"]))

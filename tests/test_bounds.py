@@ -1,8 +1,11 @@
 """Certified bounds (advmnist.bounds) and exact verification (advmnist.exact): sound, tight where
 they must be, and honest errors for what they cannot handle."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advmnist.bounds import (BoundError, certified, certified_margins, crown_margins, ibp_margins, input_box,
@@ -12,9 +15,36 @@ from advmnist.errors import AdvmnistError
 from advmnist.models import Normalize
 
 
+class _Residual(nn.Module):
+    """A user's CNN with a functional forward: inline normalisation, a residual conv block with
+    BatchNorm, pooling, `view(x.size(0), -1)`, a residual linear block."""
+
+    def __init__(self, pool: str = "avg", buffers: bool = False):
+        super().__init__()
+        self.pool, self.use_buffers = pool, buffers
+        self.register_buffer("mean", torch.full((1, 1, 1), 0.1307))
+        self.std = nn.Parameter(torch.tensor(0.3081))  # a learned input scale: gradients must reach it
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        x = (x - self.mean) / self.std if self.use_buffers else (x - 0.1307) / 0.3081
+        h = F.relu(self.conv1(x))
+        h = torch.relu(self.bn(self.conv2(h)) + h)
+        h = F.max_pool2d(h, 2) if self.pool == "max" else F.avg_pool2d(h, 2)
+        h = h.view(h.size(0), -1)
+        z = self.drop(self.fc1(h)).relu()
+        r = F.relu(self.fc2(z)) + z
+        return self.fc3(torch.add(r, 2 * z) - torch.tensor(0.5))
+
+
 def _random_net(kind: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    if kind == "mlp":
+    if kind in ("res", "res-buffers", "res-pool"):
+        net = _Residual(pool="max" if kind == "res-pool" else "avg", buffers=kind == "res-buffers")
+    elif kind == "mlp":
         net = nn.Sequential(Normalize(0.1307, 0.3081), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.3),
                             nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 10))
     elif kind == "conv":
@@ -34,30 +64,30 @@ def _random_net(kind: str, seed: int) -> nn.Module:
 
 
 def _sampled_min_margins(net, x, y, eps, samples=300, pgd_steps=30):
-    """Smallest margins seen at random points, box corners and PGD points inside the ball."""
+    """Smallest margins seen at random points, box corners and PGD points inside the ball (all the
+    points in one batch per forward pass: small ops are slow when the cores are shared)."""
     lo, hi = input_box(x, eps)
     spec = margin_spec(y)
-    worst = torch.full((len(x), 9), float("inf"))
-    gen = torch.Generator().manual_seed(1)
+    u = torch.rand(samples, *x.shape, generator=torch.Generator().manual_seed(1))
+    u[1::2] = (u[1::2] > 0.5).float()
     with torch.no_grad():
-        for i in range(samples):
-            u = torch.rand(x.shape, generator=gen)
-            if i % 2:
-                u = (u > 0.5).float()
-            worst = torch.minimum(worst, (spec @ net(lo + (hi - lo) * u).unsqueeze(2)).squeeze(2))
-    for j in range(9):
-        z = ((lo + hi) / 2).clone()
-        for _ in range(pgd_steps):
-            z.requires_grad_(True)
-            m = (spec[:, j] * net(z)).sum()
-            (g,) = torch.autograd.grad(m, z)
-            z = torch.clamp(z.detach() - (eps / 8) * g.sign(), lo, hi)
-        with torch.no_grad():
-            worst = torch.minimum(worst, (spec @ net(z).unsqueeze(2)).squeeze(2))
-    return worst
+        logits = net((lo + (hi - lo) * u).flatten(0, 1)).view(samples, len(x), -1, 1)
+        worst = (spec @ logits).squeeze(3).min(0).values
+    z = ((lo + hi) / 2).expand(9, *x.shape)  # one PGD run per margin j, side by side
+    for _ in range(pgd_steps):
+        z.requires_grad_(True)
+        m = (spec.transpose(0, 1) * net(z.flatten(0, 1)).view(9, len(x), -1)).sum()
+        (g,) = torch.autograd.grad(m, z)
+        z = torch.minimum(torch.maximum(z.detach() - (eps / 8) * g.sign(), lo), hi)
+    with torch.no_grad():
+        logits = net(z.flatten(0, 1)).view(9, len(x), -1, 1)
+        return torch.minimum(worst, (spec @ logits).squeeze(3).min(0).values)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "pool"])
+KINDS = ["mlp", "conv", "pool", "res", "res-buffers", "res-pool"]  # *pool: max pooling, IBP only
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("eps", [0.02, 0.1])
 def test_bounds_never_exceed_any_point_in_the_ball(kind, eps):
     net = _random_net(kind, seed=3)
@@ -65,18 +95,18 @@ def test_bounds_never_exceed_any_point_in_the_ball(kind, eps):
     y = torch.arange(6) % 10
     seen = _sampled_min_margins(net, x, y, eps)
     methods = {"ibp": lambda: ibp_margins(net, x, y, eps)}
-    if kind != "pool":
+    if not kind.endswith("pool"):
         methods["crown"] = lambda: crown_margins(net, x, y, eps)
         methods["crown-ibp"] = lambda: crown_margins(net, x, y, eps, intermediate="ibp")
     for name, fn in methods.items():
         bound = fn()
         assert bound.shape == (6, 9)
         assert (bound <= seen + 1e-4).all(), f"{name} bound above a reached margin"
-    if kind != "pool":  # CROWN with CROWN intermediates is the tightest of the three on these nets
+    if not kind.endswith("pool"):  # CROWN with CROWN intermediates is the tightest of the three on these nets
         assert methods["crown"]().mean() >= methods["ibp"]().mean()
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv", "pool"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_bounds_at_eps_zero_are_the_margins(kind):
     net = _random_net(kind, seed=5)
     x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
@@ -84,15 +114,18 @@ def test_bounds_at_eps_zero_are_the_margins(kind):
     with torch.no_grad():
         exact = (margin_spec(y) @ net(x).unsqueeze(2)).squeeze(2)
     assert torch.allclose(ibp_margins(net, x, y, 0.0), exact, atol=1e-4)
-    if kind != "pool":
+    if not kind.endswith("pool"):
         assert torch.allclose(crown_margins(net, x, y, 0.0), exact, atol=1e-4)
 
 
-def test_bounds_leave_the_model_untouched():
-    net = _random_net("conv", seed=1)
+@pytest.mark.parametrize("kind", ["conv", "res"])
+def test_bounds_leave_the_model_untouched(kind):
+    net = _random_net(kind, seed=1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
+    attributes = set(vars(net))
     certified_margins(net, torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2]), 0.05, method="crown")
     assert not net.training
+    assert set(vars(net)) == attributes and before.keys() == net.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
@@ -109,6 +142,68 @@ def test_unsupported_layers_are_named():
         ibp_margins(_random_net("mlp", 0), torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), float("nan"))
 
 
+class _Unsupported(nn.Module):
+    def __init__(self, op: str):
+        super().__init__()
+        self.op, self.fc, self.fc32 = op, nn.Linear(64, 10), nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = x.flatten(1)
+        if self.op == "sigmoid":
+            h = torch.sigmoid(h)
+        elif self.op == "slice":
+            h = torch.cat([h[:, 32:], h[:, :32]], 1)
+        elif self.op == "product":
+            h = h * h
+        elif self.op == "batch":
+            return self.fc32(h.view(-1, 32))  # two rows per image: the batch is mixed
+        elif self.op == "control":
+            if h.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                h = -h
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("op, message", [
+    ("sigmoid", r"^cannot bound 'torch.sigmoid' at node 'sigmoid'; supported: Linear"),
+    ("slice", r"^cannot bound 'operator.getitem' at node 'getitem'"),
+    ("product", r"^cannot bound 'operator.mul' at node 'mul'"),
+    ("control", r"^cannot trace _Unsupported with torch.fx: TraceError: symbolically traced variables cannot"),
+])
+def test_unsupported_operations_are_named_with_their_node(op, message):
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    for fn in (lambda: ibp_margins(_Unsupported(op).eval(), x, y, 0.1),
+               lambda: certified_margins(_Unsupported(op).eval(), x, y, 0.1)):
+        with pytest.raises(BoundError, match=message) as err:
+            fn()
+        assert "\n" not in str(err.value)
+
+
+def test_unsupported_details_are_named():
+    class Cat(nn.Module):
+        def forward(self, x):
+            return torch.cat([x.flatten(1), x.flatten(1)], 1)
+
+    class Tuple(nn.Module):
+        def forward(self, x):
+            return x.flatten(1), x
+
+    x, y = torch.rand(2, 1, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(BoundError, match=r"cannot bound 'torch.cat' at node 'cat'"):
+        ibp_margins(Cat(), x, y, 0.1)
+    with pytest.raises(BoundError, match=r"must return one tensor"):
+        ibp_margins(Tuple(), x, y, 0.1)
+    with pytest.raises(BoundError, match=r"'Tensor.view' at node 'view': it does not keep the batch"):
+        ibp_margins(_Unsupported("batch"), x, y, 0.1)
+    with pytest.raises(BoundError, match=r"max pooling \(layer 'max_pool2d'\)"):
+        crown_margins(_random_net("res-pool", 0), x, y, 0.1)
+    with pytest.raises(BoundError, match=r"layer 'bn' \(BatchNorm2d\) is in training mode"):
+        ibp_margins(_random_net("res", 0).train(), x, y, 0.1)
+    net = _random_net("res", 0)
+    net.drop.train()
+    with pytest.raises(BoundError, match=r"layer 'drop' \(Dropout\) is in training mode"):
+        ibp_margins(net, x, y, 0.1)
+
+
 def test_auto_picks_the_best_bound_the_model_allows():
     x, y = torch.rand(5, 1, 8, 8), torch.arange(5)
     margins, method = certified_margins(_random_net("pool", 0), x, y, 0.01)
@@ -117,6 +212,111 @@ def test_auto_picks_the_best_bound_the_model_allows():
     margins, method = certified_margins(net, x, y, 0.01)
     assert method == "ibp+crown"
     assert torch.equal(margins, torch.maximum(ibp_margins(net, x, y, 0.01), crown_margins(net, x, y, 0.01)))
+
+
+class _Functional(nn.Module):
+    """The "conv" Sequential net written out with functions and methods: the same bounds."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        s = self.seq
+        h = F.conv2d((x - 0.5) / 0.5, s[1].weight, s[1].bias, stride=2, padding=1)
+        h = F.relu(s[2](h))
+        h = F.conv2d(h, s[4].weight, s[4].bias, padding=1).relu()
+        h = torch.flatten(F.avg_pool2d(h, 2), 1)
+        h = torch.relu(s[9](F.linear(h, s[8].weight, s[8].bias)))
+        return F.linear(h, s[11].weight, s[11].bias)
+
+
+def test_a_functional_forward_gets_the_bounds_of_its_sequential():
+    seq = _random_net("conv", seed=2)
+    fun = _Functional(seq).eval()
+    x, y = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(4)), torch.tensor([0, 2, 4, 6, 8])
+    for method in ("ibp", "crown-ibp", "crown"):
+        a, b = (certified_margins(net, x, y, 0.05, method=method)[0] for net in (seq, fun))
+        assert torch.allclose(a, b, atol=1e-5), method
+    ibp_margins(fun, x, y, 0.05).sum().backward()
+    assert seq[1].weight.grad is not None and seq[8].weight.grad.abs().sum() > 0
+
+
+def test_residual_ibp_margins_are_differentiable_in_the_weights():
+    net = _random_net("res-buffers", seed=0)
+    x, y = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 2, 3, 4])
+    ibp_margins(net, x, y, 0.05).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_the_traced_graph_follows_the_model():
+    """The graph is traced once per model; replaced layers and buffers and a new dtype still count."""
+    net = _random_net("res-buffers", seed=1)
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+
+    def exact(net, x):
+        with torch.no_grad():
+            return (margin_spec(y) @ net(x).unsqueeze(2).to(torch.float32)).squeeze(2)
+
+    ibp_margins(net, x, y, 0.05)
+    net.fc3 = nn.Linear(16, 10)
+    net.mean = torch.full((1, 1, 1), 0.4)
+    assert torch.allclose(ibp_margins(net, x, y, 0.0), exact(net, x), atol=1e-4)
+    net.double()
+    assert ibp_margins(net, x.double(), y, 0.0).dtype == torch.float64
+    assert torch.allclose(ibp_margins(net, x.double(), y, 0.0).float(), exact(net, x.double()), atol=1e-4)
+
+
+def test_a_certified_residual_example_survives_attacks():
+    from advmnist.attacks import pgd
+
+    net = _random_net("res", seed=7)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    eps = 0.01
+    margins, method = certified_margins(net, x, y, eps)
+    assert method == "ibp+crown"
+    cert = certified(margins)
+    assert cert.any() and not cert.all()
+    adv = pgd(net, x, y, eps=eps, steps=20, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        robust = net(adv).argmax(1) == y
+    check_soundness(cert, robust, eps)
+    assert certified_margins(_random_net("res-pool", 7), x, y, eps)[1] == "ibp"
+
+
+def test_exact_verification_names_a_graph_it_cannot_compose():
+    pytest.importorskip("scipy")
+    from advmnist.exact import verify
+
+    with pytest.raises(BoundError, match=r"exact verification needs an nn.Sequential"):
+        verify(_random_net("res", 0), torch.rand(1, 1, 8, 8), 3, 0.01, time_limit=5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_bounds_follow_the_device(device):
+    """Same bounds on the device as on the CPU (TF32 off: its rounding is not float32's), computed there."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+        y = torch.tensor([0, 3, 6, 9])
+        for kind in ("res-buffers", "conv", "res-pool"):
+            net = _random_net(kind, seed=4)
+            moved = copy.deepcopy(net).to(device)
+            xd, yd = x.to(device), y.to(device)
+            for method in ("ibp",) if kind.endswith("pool") else ("ibp", "crown-ibp", "crown"):
+                ref = certified_margins(net, x, y, 0.05, method=method)[0]
+                out = certified_margins(moved, xd, yd, 0.05, method=method)[0]
+                assert out.device.type == device
+                assert torch.allclose(out.cpu(), ref, atol=1e-3, rtol=1e-3), (kind, method)
+            ibp_margins(moved, xd, yd, 0.05).sum().backward()
+            assert moved.get_submodule("1" if kind == "conv" else "conv1").weight.grad.device.type == device
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def test_a_certified_example_broken_by_an_attack_stops_the_evaluation():
@@ -171,6 +371,33 @@ def test_tiny_net_bounds_against_grid_search_and_exact_milp(where):
     assert verdict.min_margin >= grid_min - lipschitz_slack
     assert (verdict.status == "robust") == (grid_min > 0) or abs(grid_min) < lipschitz_slack
     assert crown_margins(net, x, spec_y, eps).min().item() <= verdict.min_margin + 1e-5
+
+
+class _FunctionalTiny(nn.Module):
+    """The tiny net with functions, a scaling by one and a ReLU applied twice: still a chain."""
+
+    def __init__(self, seq: nn.Sequential):
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x):
+        h = F.relu(F.linear(x * 1.0, self.seq[0].weight, self.seq[0].bias))
+        return self.seq[4](F.relu(self.seq[3](self.seq[2](h))))
+
+
+def test_a_functional_chain_gets_the_same_bounds_and_exact_verdicts():
+    pytest.importorskip("scipy")
+    from advmnist.exact import verify
+
+    net = _tiny_net()
+    fun = _FunctionalTiny(net).eval()
+    for x in _points(net):
+        y = int(net(x).argmax())
+        for intermediate in ("crown", "ibp"):
+            assert torch.allclose(crown_margins(fun, x, torch.tensor([y]), 0.05, intermediate=intermediate),
+                                  crown_margins(net, x, torch.tensor([y]), 0.05, intermediate=intermediate), atol=1e-6)
+        a, b = verify(net, x, y, 0.05), verify(fun, x, y, 0.05)
+        assert a.status == b.status and a.min_margin == pytest.approx(b.min_margin, abs=1e-5)
 
 
 def test_exact_verdicts_agree_with_bounds_and_attacks(model, batch):
