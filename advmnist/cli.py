@@ -147,6 +147,17 @@ def _complete_spec(ctx, param, incomplete: str) -> list[CompletionItem]:
     return found
 
 
+def _model_name(ctx, param, value):
+    """A zoo name, checked before anything heavy is imported, with the nearest name for a near miss."""
+    if value is None or value in MODELS:
+        return value
+    import difflib
+
+    near = difflib.get_close_matches(value, MODELS, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    raise click.BadParameter(f"unknown model {value!r}; {hint}`advmnist models` lists them: {', '.join(MODELS)}")
+
+
 def _load_data(data_dir: str | None, device=None, limit_train: int | None = None,
                limit_test: int | None = None):
     from .data import load_mnist
@@ -171,7 +182,7 @@ def models_cmd() -> None:
 
 
 @main.command("train")
-@click.option("--model", "model_name", default="improved-bn", show_default=True, help="Zoo model name.",
+@click.option("--model", "model_name", default="improved-bn", show_default=True, help="Zoo model name.", callback=_model_name,
               shell_complete=_complete_model)
 @click.option("--epochs", type=T.POSITIVE_INT, default=None, help="Override the recipe's epochs.")
 @click.option("--lr", type=T.LEARNING_RATE, default=None, help="Override the learning rate.")
@@ -207,14 +218,18 @@ def models_cmd() -> None:
                    "TRADES' Gaussian noise of std 0.001.")
 @click.option("--keep-last", is_flag=True,
               help="With --adv: keep the last epoch's weights instead of the most robust epoch's on the monitor.")
-@click.option("--eps-ramp", type=T.EPOCHS, default=0.0, show_default=True,
-              help="With --adv: epochs over which eps rises from 0.")
+@click.option("--eps-ramp", type=T.EPOCHS, default=None,
+              help="With --adv: epochs over which eps rises from 0 (after --warmup). Default: sized from the "
+                   "epochs, a clean warm-up over the first 10% of them and the ramp over the next 40%.")
+@click.option("--warmup", type=T.EPOCHS, default=None,
+              help="With --adv: clean epochs before eps starts rising (default: sized from the epochs without "
+                   "--eps-ramp, 0 with it).")
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, schedule, ema, seed, device, limit,
               adv, eps, adv_steps, adv_alpha, adv_restarts, beta, monitor_eps, kappa, uniform_start, keep_last,
-              eps_ramp, out, data_dir, quiet) -> None:
+              eps_ramp, warmup, out, data_dir, quiet) -> None:
     """Train a zoo model with its report's recipe and write a run directory."""
     from .devices import pick_device
     from .runs import check_output_dir
@@ -223,8 +238,8 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     adversarial = None
     if adv is not None:
         adversarial = Adversarial(adv, eps=eps, steps=adv_steps, alpha=adv_alpha, beta=beta, kappa=kappa,
-                                  ramp_epochs=eps_ramp, monitor_eps=monitor_eps, uniform_start=uniform_start,
-                                  keep_last=keep_last, restarts=adv_restarts)
+                                  ramp_epochs=eps_ramp, warmup_epochs=warmup, monitor_eps=monitor_eps,
+                                  uniform_start=uniform_start, keep_last=keep_last, restarts=adv_restarts)
         adversarial.check()
 
     recipe = resolve_recipe(model_name, epochs=epochs, lr=lr, momentum=momentum, dropout=dropout,
@@ -233,6 +248,8 @@ def train_cmd(model_name, epochs, lr, momentum, dropout, batch_size, optimizer, 
     data = _load_data(data_dir, limit_train=limit)
     check_output_dir(out)  # now, not after the training
     click.echo(f"training {model_name} on {len(data.train_x)} images: {recipe} seed={seed}")
+    if adversarial is not None:
+        click.echo(f"{adversarial}; {adversarial.resolved(recipe.epochs).schedule_note(recipe.epochs)}")
     for w in recipe_warnings(recipe, len(data.train_x)):
         click.echo(f"warning: {w}", err=True)
 
@@ -280,7 +297,7 @@ def _names(ctx, param, value):
 @main.command("evaluate")
 @click.option("--run", type=click.Path(), default=None, help="Run directory (default: the latest).",
               shell_complete=_complete_run)
-@click.option("--model", "model_name", default=None, help="Latest run of this model.",
+@click.option("--model", "model_name", default=None, help="Latest run of this model.", callback=_model_name,
               shell_complete=_complete_model)
 @click.option("--image", type=int, default=0, show_default=True, help="Test image for the feature maps.")
 @click.option("--robust", is_flag=True,
@@ -342,9 +359,9 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
                                  restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
                                  certify=certify, bound=bound, device=device,
                                  log=lambda line: click.echo(f"  {line}", err=True))
-        click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at {norm} eps {eps:g} "
-                   f"(clean {rr['clean_accuracy']:.2f}%, {rr['n']} images, worst case over the {ensemble} ensemble, "
-                   f"{rr['wall_time_s']:.0f} s)")
+        click.echo(f"{rr['model']}: robust accuracy {rr['robust_accuracy']:.2f}% at {norm} eps {eps:g} on the first "
+                   f"{rr['n']} test images (clean {rr['clean_accuracy']:.2f}% on them), worst case per image over the "
+                   f"{ensemble} ensemble and the checks' attacks, {rr['wall_time_s']:.0f} s")
         click.echo(robust_table(rr))
         click.echo(interval_line(rr))
         for c in rr["checks"]:
@@ -375,11 +392,18 @@ def robust_table(rr: dict) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     width = max([len(a["attack"]) for a in rr["per_attack"]] + [12])
+    alone = any(a.get("robust_accuracy_alone") is not None for a in rr["per_attack"][1:])
+    if not alone:  # each attack after the first ran only on what the ones before it left: no "alone" number
+        lines = [f"  {'attack':<{width}} {'robust % after it':>17} {'seconds':>8}",
+                 f"  {'clean':<{width}} {pct(rr['clean_accuracy']):>17}"]
+        lines += [f"  {a['attack']:<{width}} {pct(a['robust_accuracy_after']):>17} {a.get('seconds', 0):>8.0f}"
+                  for a in rr["per_attack"]]
+        return "\n".join(lines)
     lines = [f"  {'attack':<{width}} {'alone %':>8} {'cumulative %':>13} {'seconds':>8}",
              f"  {'clean':<{width}} {pct(rr['clean_accuracy']):>8} {pct(rr['clean_accuracy']):>13}"]
     lines += [f"  {a['attack']:<{width}} {pct(a.get('robust_accuracy_alone')):>8} "
               f"{pct(a['robust_accuracy_after']):>13} {a.get('seconds', 0):>8.0f}" for a in rr["per_attack"]]
-    return "\n".join(lines)
+    return "\n".join(lines + ["  (alone %: the attack on every clean-correct image by itself; - : it was not run alone)"])
 
 
 def _floats(ctx, param, value):
@@ -445,7 +469,7 @@ def _attack_options(command):
               show_default=True, help="Which attack (the attack registry).")
 @click.option("--run", type=click.Path(), default=None, help="Training run to attack (default: the latest).",
               shell_complete=_complete_run)
-@click.option("--model", "model_name", default=None, help="Attack the latest run of this model.",
+@click.option("--model", "model_name", default=None, help="Attack the latest run of this model.", callback=_model_name,
               shell_complete=_complete_model)
 @_attack_options
 @click.option("--target-map", type=T.TargetMap(), default="next", show_default=True,

@@ -34,5 +34,9 @@ class TrainingDiverged(AdvmnistError):
     """Training produced a non-finite loss or weights; the last good weights are kept."""
 
 
+class TrainingCollapsed(AdvmnistError):
+    """Training left a network at chance that cannot learn again: it is stopped and recorded as failed."""
+
+
 class SkippedFileWarning(UserWarning):
     """A record or file that discovery could not read and left out (the CLI prints it as a warning)."""

@@ -24,7 +24,7 @@ from . import runs
 from .attacks import get_attack, list_attacks
 from .data import MNIST, load_mnist
 from .devices import pick_device
-from .errors import AdvmnistError, TrainingDiverged
+from .errors import AdvmnistError, TrainingCollapsed, TrainingDiverged
 from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
 from .models import SCHEDULES, Recipe, create_model, get_spec
@@ -76,6 +76,11 @@ def learning_rate(recipe: Recipe, progress: float) -> float:
     return recipe.lr * (t / 0.4 if t < 0.4 else (1.0 - t) / 0.6)
 
 
+#: The adversarial schedule left to `Adversarial.resolved`: a clean warm-up over this share of the
+#: epochs, then eps ramped up over the next RAMP of them (measured in `tests/test_collapse.py`).
+WARMUP, RAMP = 0.1, 0.4
+
+
 @dataclass(frozen=True)
 class Adversarial:
     """Adversarial training: the inner attack, its budget, and how eps is ramped up."""
@@ -89,7 +94,8 @@ class Adversarial:
     steps: int = 40  # inner steps for pgd, trades and attacks that take steps; fgsm and fgsm-rs take one
     alpha: float | None = None  # inner step size; None: pgd 2.5 eps/steps, fgsm-rs 1.25 eps, trades 2 eps/steps
     beta: float = 6.0  # trades: weight of the KL term
-    ramp_epochs: float = 0.0  # eps grows linearly from 0 to eps over this many epochs
+    ramp_epochs: float | None = None  # eps grows linearly from 0 to eps over this many epochs, after the
+    #                                   warm-up; None: sized from the epochs (`resolved`)
     kappa: float = 0.5  # ibp: weight of the clean loss at the end of the ramp (1 at its start)
     monitor: int = 500  # first test images whose PGD accuracy is recorded after each epoch
     monitor_steps: int = 20  # PGD steps of that monitor
@@ -97,6 +103,8 @@ class Adversarial:
     uniform_start: bool = False  # trades: start uniformly in the eps ball, as PGD does, not 0.001 away
     keep_last: bool = False  # keep the last epoch's weights, not those of the monitor's most robust epoch
     restarts: int = 1  # pgd, trades: inner attacks from this many starts, the worst kept per example
+    warmup_epochs: float | None = None  # clean epochs before eps starts rising; None: sized from the epochs
+    #                                     when ramp_epochs is too, else 0
 
     def check(self) -> None:
         if self.method not in ADVERSARIAL_METHODS:
@@ -105,6 +113,10 @@ class Adversarial:
             raise AdvmnistError("adversarial training needs eps >= 0, steps >= 1 and a positive alpha")
         if self.restarts > 1 and self.method not in ("pgd", "trades"):
             raise AdvmnistError(f"inner restarts are for pgd and trades training, not {self.method}")
+        if self.warmup_epochs is not None:
+            from .validate import NONNEG
+
+            NONNEG.check(self.warmup_epochs, "warm-up epochs")
         for flag in ("uniform_start", "keep_last"):
             if not isinstance(getattr(self, flag), bool):
                 raise AdvmnistError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
@@ -154,9 +166,46 @@ class Adversarial:
         """ibp: the clean loss's weight, from 1 down to `kappa` as eps ramps up (Gowal et al. 2018)."""
         return 1.0 - (1.0 - self.kappa) * (eps / self.eps if self.eps > 0 else 1.0)
 
-    def eps_at(self, progress: float) -> float:
-        """Training eps after `progress` epochs (fractional): linear from 0 over ramp_epochs, then eps."""
-        return self.eps * (min(1.0, progress / self.ramp_epochs) if self.ramp_epochs > 0 else 1.0)
+    def resolved(self, epochs: int) -> Adversarial:
+        """The settings with the schedule sized from `epochs` where it was left unset (None): a clean
+        warm-up over the first WARMUP of the training, then eps (and IBP's kappa) ramped linearly over
+        the next RAMP, full eps for the rest. Gowal et al. 2018 and Shi et al. 2021 schedule IBP this
+        way; without it the full eps from the first step kills every ReLU of IBP- and PGD-trained
+        nets and leaves FGSM-RS at chance for epochs, and a fixed number of epochs would not fit a
+        short training. An explicit ramp_epochs keeps its old meaning: no warm-up unless one is given."""
+        ramp, warmup = self.ramp_epochs, self.warmup_epochs
+        if ramp is None:
+            ramp = round(RAMP * epochs, 6)
+            warmup = round(WARMUP * epochs, 6) if warmup is None else warmup
+        return dataclasses.replace(self, ramp_epochs=ramp, warmup_epochs=warmup or 0.0)
+
+    def schedule_note(self, epochs: int) -> str:
+        """How eps rises over `epochs`, in one line (on the resolved settings)."""
+        warmup, ramp, end = self.warmup_epochs or 0.0, self.ramp_epochs or 0.0, self.ramp_end()
+        kappa = f" (kappa 1 -> {self.kappa:g})" if self.method == "ibp" else ""
+        parts = [f"clean warm-up {warmup:g} epoch{'s' * (warmup != 1)}"] if warmup else []
+        if ramp:
+            parts.append(f"eps 0 -> {self.eps:g}{kappa} over " + (f"the next {ramp:g}" if warmup else
+                                                                   f"{ramp:g} epoch{'s' * (ramp != 1)}"))
+        if end == 0:
+            parts.append(f"full eps {self.eps:g}{kappa} from the first step")
+        elif end < epochs:
+            parts.append(f"full eps for the last {epochs - end:g}")
+        else:
+            parts.append(f"eps reaches only {self.eps_at(epochs) or 0:g} by the end")
+        return f"over {epochs} epoch{'s' * (epochs != 1)}: " + ", ".join(parts)
+
+    def ramp_end(self) -> float:
+        """Epochs (fractional) after which eps is at its full value (on the resolved settings)."""
+        return (self.warmup_epochs or 0.0) + (self.ramp_epochs or 0.0)
+
+    def eps_at(self, progress: float) -> float | None:
+        """Training eps after `progress` epochs (fractional): None (clean training) during the warm-up,
+        then linear from 0 over ramp_epochs, then eps. On the resolved settings."""
+        progress -= self.warmup_epochs or 0.0
+        if progress < 0:
+            return None
+        return self.eps * (min(1.0, progress / self.ramp_epochs) if self.ramp_epochs else 1.0)
 
     def __str__(self) -> str:
         if self.method == "ibp":
@@ -167,8 +216,12 @@ class Adversarial:
                     + ("" if alpha is None else f" alpha={alpha:g}")
                     + (" uniform start" if self.uniform_start and self.method == "trades" else "")
                     + (f" restarts={self.restarts}" if self.restarts > 1 else ""))
-        return (text + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
-                + (", last epoch kept" if self.keep_last else ""))
+        warmup = f" warm-up={self.warmup_epochs:g} epochs" if self.warmup_epochs else ""
+        if self.ramp_epochs is None:
+            schedule = f"{warmup} ramp sized from the epochs" if warmup else " schedule sized from the epochs"
+        else:
+            schedule = warmup + (f" ramp={self.ramp_epochs:g} epochs" if self.ramp_epochs else "")
+        return text + schedule + (", last epoch kept" if self.keep_last else "")
 
 
 def _kl_from(p_nat: torch.Tensor):
@@ -195,14 +248,17 @@ def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kap
 
 def adversarial_loss(adv: Adversarial, generator: torch.Generator):
     """A loss_fn for train_epoch: craft the inner attack (`Adversarial.inner_attack`) in eval mode,
-    then train on it."""
+    then train on it; eps None (the warm-up) trains on the clean batch."""
     if adv.method != "ibp":
         method, params = adv.inner_attack()
         attack = get_attack(method)
         if "generator" in attack.defaults():
             params["generator"] = generator
 
-    def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, eps: float):
+    def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, eps: float | None):
+        if eps is None:  # the clean warm-up
+            logits = model(xb)
+            return F.cross_entropy(logits, yb), logits
         if adv.method == "ibp":
             return ibp_loss(model, xb, yb, eps, adv.kappa_at(eps))
         model.eval()
@@ -276,15 +332,15 @@ def recipe_warnings(recipe: Recipe, n_train: int) -> list[str]:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                 batch_size: int, generator: torch.Generator, progress: tqdm | None = None,
-                loss_fn=None, eps_schedule: Callable[[float], float] | None = None,
+                loss_fn=None, eps_schedule: Callable[[float], float | None] | None = None,
                 lr_schedule: Callable[[float], float] | None = None,
                 after_step: Callable[[], None] | None = None) -> dict:
     """One pass over (x, y) in a seeded random order; returns mean loss and accuracy (%).
 
     `loss_fn(model, xb, yb, eps) -> (loss, logits)` replaces plain cross-entropy (adversarial
-    training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch, and
-    `lr_schedule(fraction)` the optimizer's learning rate; `after_step()` runs after every
-    optimizer step (the weight average).
+    training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch (None: a clean
+    batch, the warm-up), and `lr_schedule(fraction)` the optimizer's learning rate; `after_step()`
+    runs after every optimizer step (the weight average).
     """
     keep_freed_memory()
     model.train()
@@ -360,30 +416,92 @@ def _epoch_warnings(h: dict, best: float | None, drop: float = 20.0) -> list[str
     return []
 
 
+#: Test accuracy (%) at or below which an epoch is at chance: never the monitor's pick, and a
+#: collapse when the network is dead too, or fell there from above `LEARNED` with its loss at ln 10.
+CHANCE, LEARNED = 20.0, 50.0
+LN10 = math.log(10)
+
+
+def collapse_signals(model: nn.Module, x: torch.Tensor) -> dict:
+    """Whether the output still depends on the input, and the class predicted most, with its share.
+
+    The input gradient of a fixed random projection of the logits is zero for every image only when
+    every path from the input is cut (dead ReLUs): such a network outputs its last biases whatever
+    the image and no gradient reaches its earlier weights again. A network slow to start on a small
+    slice (lenet at its recipe sits at chance, every image one class, for its first epochs) still
+    has nonzero gradients, so this, not the accuracy or the loss, tells the two apart."""
+    with eval_mode(model), torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        logits = model(x)
+        direction = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(logits.device)
+        (grad,) = torch.autograd.grad((logits * direction).sum(), x)
+    counts = logits.detach().argmax(1).bincount(minlength=logits.shape[1])
+    return {"dead": not bool(grad.any()), "top_class": int(counts.argmax()),
+            "top_share": counts.max().item() / len(x)}
+
+
+def collapse_cause(h: dict, signals: dict, best_accuracy: float) -> str | None:
+    """Why epoch `h` (at chance) is a collapse, or None: a dead network, or one that had learned
+    (`best_accuracy`, the best test accuracy before) and fell back to a loss of ln 10."""
+    if h["test_accuracy"] > CHANCE:
+        return None
+    if signals["dead"]:
+        return "every input gradient is zero (dead ReLUs)"
+    if best_accuracy >= LEARNED and h["train_loss"] >= LN10 - 0.05:
+        return f"it fell from {best_accuracy:.2f}% test accuracy"
+    return None
+
+
+def _collapse_message(h: dict, signals: dict, cause: str, recipe: Recipe, given: Adversarial | None,
+                      adv: Adversarial | None, steps_per_epoch: int) -> str:
+    """One line: the epoch, what was measured, and the flags that would have avoided it."""
+    share, label = signals["top_share"], signals["top_class"]
+    called = f"every image called {label}" if share == 1 else f"{share:.0%} of the images called {label}"
+    loss = h["train_loss"]
+    fixes = []
+    if adv is not None and given is not None:
+        auto = dataclasses.replace(given, ramp_epochs=None, warmup_epochs=None).resolved(recipe.epochs)
+        if adv.ramp_end() < auto.ramp_end():
+            fixes.append(f"ramp eps with --warmup {auto.warmup_epochs:g} --eps-ramp {auto.ramp_epochs:g} "
+                         f"(the default when --eps-ramp is not given)")
+        else:
+            steps = math.ceil(adv.ramp_end() * steps_per_epoch)
+            fixes.append(f"ramp eps over more optimizer steps than {steps} (more --epochs, a smaller "
+                         f"--batch-size or a longer --eps-ramp)")
+    fixes.append(f"lower --lr (now {recipe.lr:g})")
+    return (f"training collapsed in epoch {h['epoch']}: test accuracy {h['test_accuracy']:.2f}% ({called}), "
+            f"train loss {loss:.4f}{' = ln 10' if abs(loss - LN10) < 0.05 else ''}, {cause}; {', or '.join(fixes)}")
+
+
 def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progress: bool = False,
         on_epoch: Callable[[dict], None] | None = None, adversarial: Adversarial | None = None) -> list[dict]:
     """Train `model` on data.train with `recipe`, testing after every epoch; returns the history.
 
     With `adversarial`, every batch is replaced by its adversarial version (TRADES: adds a KL
-    term), each epoch also records PGD accuracy on a fixed test batch, and the weights of the epoch
-    with the best monitored robustness are kept (early stopping on robust accuracy; with
-    `adversarial.keep_last`, the last epoch's: the monitor's 500 images pick among epochs
-    within its noise, and the one-cycle schedule ends on its best clean accuracy). With
-    `recipe.ema`, the moving average of the weights is what is tested, monitored and kept.
+    term), eps rising as `Adversarial.resolved` schedules it, each epoch also records PGD accuracy on
+    a fixed test batch, and the weights of the epoch with the best monitored robustness are kept
+    (early stopping on robust accuracy; with `adversarial.keep_last`, the last epoch's: the
+    monitor's 500 images pick among epochs within its noise, and the one-cycle schedule ends on its
+    best clean accuracy). With `recipe.ema`, the moving average of the weights is what is tested,
+    monitored and kept. An epoch at chance is never the one kept; a collapsed one (`collapse_cause`)
+    stops the training with TrainingCollapsed, the weights of the last epoch above chance restored.
     """
     check_recipe(recipe)
     torch.manual_seed(seed)  # dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, recipe)
-    loss_fn = None
+    loss_fn, given = None, adversarial
     if adversarial is not None:
         adversarial.check()
+        adversarial = adversarial.resolved(recipe.epochs)
         loss_fn = adversarial_loss(adversarial, torch.Generator().manual_seed(seed + 1))
     average = WeightAverage(model, recipe.ema) if recipe.ema else None
     judged = average.model if average else model  # the weights that are tested, monitored and kept
+    probe = data.test_x[:adversarial.monitor if adversarial else 500]
     history: list[dict] = []
     best: tuple[float, int, dict] | None = None
     good = (0, copy.deepcopy(model.state_dict()))  # the last weights with finite losses: (epoch, state)
+    learned = (0, None, 0.0)  # the last epoch above chance: (epoch, judged state, best test accuracy so far)
     for epoch in range(1, recipe.epochs + 1):
         start = time.perf_counter()
         with tqdm(total=len(data.train_x), desc=f"epoch {epoch}/{recipe.epochs}", unit="img",
@@ -408,16 +526,37 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
         good = (epoch, copy.deepcopy(model.state_dict()))
         stats = {"epoch": epoch, **stats, "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                  "seconds": round(train_seconds, 3)}
+        if adversarial is not None and adversarial.ramp_end() > epoch:
+            stats["ramping"] = True
+        if test["accuracy"] <= CHANCE:
+            stats["at_chance"] = True
+            signals = collapse_signals(model, probe)
+            cause = collapse_cause(stats, signals, learned[2])
+            if cause is not None:
+                history.append(stats)
+                if on_epoch is not None:
+                    on_epoch(stats)
+                if learned[1] is not None:
+                    model.load_state_dict(learned[1])
+                err = TrainingCollapsed(_collapse_message(stats, signals, cause, recipe, given, adversarial,
+                                                          math.ceil(len(data.train_x) / recipe.batch_size)))
+                err.good_epoch, err.history, err.cause = learned[0], history, cause
+                raise err
+        else:
+            learned = (epoch, copy.deepcopy(judged.state_dict()), max(learned[2], test["accuracy"]))
         if adversarial is not None:
             stats["robust_accuracy"] = monitor_robustness(judged, data, adversarial)
             if adversarial.method == "ibp":
                 stats["certified_accuracy"] = monitor_certified(judged, data, adversarial)
-            if adversarial.ramp_epochs > epoch:
-                stats["ramping"] = True
             stats["warnings"] = _epoch_warnings(stats, best[0] if best else None)
             score = stats.get("certified_accuracy", stats["robust_accuracy"])
-            if best is None or score > best[0]:
+            if not stats.get("at_chance") and (best is None or score > best[0]):
                 best = (score, epoch, copy.deepcopy(judged.state_dict()))
+        kept_earlier = best is not None and adversarial is not None and not adversarial.keep_last
+        if stats.get("at_chance") and epoch == recipe.epochs and not kept_earlier:
+            stats.setdefault("warnings", []).append(
+                f"epoch {epoch}: test accuracy {test['accuracy']:.2f}% is at chance after the last epoch "
+                f"(a slow start or a recipe that does not train: more epochs, or another --lr)")
         history.append(stats)
         if on_epoch is not None:
             on_epoch(stats)
@@ -475,6 +614,12 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
         kept = _keep_diverged(model, name, options, out, seed, recipe, exc)
         raise TrainingDiverged(f"{exc} and kept in {kept / runs.CHECKPOINT} (a run of kind 'train-diverged', "
                                f"which attack and evaluate do not pick up)") from None
+    except TrainingCollapsed as exc:
+        kept = _keep_collapsed(model, name, options, out, seed, recipe, adversarial, data, exc)
+        where = (f"the weights of epoch {exc.good_epoch}, the last above chance, are kept in {kept}"
+                 if exc.good_epoch else f"recorded in {kept}")
+        raise TrainingCollapsed(f"{exc}; {where} (a run of kind 'train-collapsed', which attack and evaluate "
+                                f"do not pick up)") from None
     final = evaluate(model, data.test_x, data.test_y)
     run_name = runs.new_run_name(name, seed, tag=f"-adv-{adversarial.method}" if adversarial else "")
     with runs.run_directory(out, run_name) as tmp:
@@ -489,6 +634,7 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
             "per_class_accuracy": final["per_class_accuracy"], "checkpoint_sha256": sha,
             "reported_accuracy": get_spec(name).reported_accuracy,
             "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
+            "schedule": _schedule(adversarial, recipe),
             "warnings": (recipe_warnings(recipe, len(data.train_x))
                          + [w for h in history for w in h.get("warnings", [])]),
             "wall_time_s": round(time.perf_counter() - wall, 2), "provenance": prov,
@@ -497,6 +643,34 @@ def train_run(name: str, *, out: str | Path = "runs", seed: int = 0, device: str
         plot_curves(history, tmp / "curves.png", title=f"{name} (seed {seed})")
         runs.write_json(tmp / runs.RECORD, record)
     return Path(out) / run_name
+
+
+def _schedule(adversarial: Adversarial | None, recipe: Recipe) -> dict | None:
+    """The eps schedule as trained: `adversarial` keeps what was asked for (None: sized from the
+    epochs), so that an experiment finds the run again; this says what that became."""
+    if adversarial is None:
+        return None
+    done = adversarial.resolved(recipe.epochs)
+    return {"warmup_epochs": done.warmup_epochs, "ramp_epochs": done.ramp_epochs,
+            "sized_from_epochs": adversarial.ramp_epochs is None, "note": done.schedule_note(recipe.epochs)}
+
+
+def _keep_collapsed(model: nn.Module, name: str, options: dict, out: str | Path, seed: int, recipe: Recipe,
+                    adversarial: Adversarial | None, data: MNIST, exc: TrainingCollapsed) -> Path:
+    """Record a collapsed training as a run of kind 'train-collapsed', with the weights of its last
+    epoch above chance if it had one (never the collapsed ones)."""
+    tag = (f"-adv-{adversarial.method}" if adversarial else "") + "-collapsed"
+    with runs.run_directory(out, runs.new_run_name(name, seed, tag=tag)) as tmp:
+        kept = runs.final_path(tmp)
+        record = {"kind": "train-collapsed", "model": name, "options": options, "recipe": dataclasses.asdict(recipe),
+                  "seed": seed, "n_train": len(data.train_x), "data_checksum": data.checksum,
+                  "adversarial": dataclasses.asdict(adversarial) if adversarial else None,
+                  "schedule": _schedule(adversarial, recipe), "epoch": exc.good_epoch, "cause": exc.cause,
+                  "error": str(exc), "history": exc.history, "provenance": runs.provenance(), "run": kept.name}
+        if exc.good_epoch:
+            record["checkpoint_sha256"] = runs.save_checkpoint(tmp / runs.CHECKPOINT, model.cpu(), name, options)
+        runs.write_json(tmp / runs.RECORD, record)
+    return kept
 
 
 def _keep_diverged(model: nn.Module, name: str, options: dict, out: str | Path, seed: int, recipe: Recipe,

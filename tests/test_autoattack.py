@@ -183,7 +183,7 @@ def test_cli_attack_with_the_new_methods(tmp_path):
     result = runner.invoke(main, ["evaluate", "--robust", "--eps", "0.1", "--ensemble", "quick", "--steps", "5",
                                   "--queries", "50", "--limit", "60", "--check-n", "30", "--out", out])
     assert result.exit_code == 0, result.output
-    assert "APGD-T (5 steps x 3 targets)" in result.output and "cumulative %" in result.output
+    assert "APGD-T (5 steps x 3 targets)" in result.output and "robust % after it" in result.output
     (run,) = [d for d in tmp_path.iterdir() if d.name.startswith("lenet-")]
     rec = json.loads((run / "eval" / "robust.json").read_text())
     assert rec["settings"]["attacks"] == ["apgd-ce", "apgd-t", "square"] and rec["n"] == 60
