@@ -294,6 +294,37 @@ def _names(ctx, param, value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _foreign_options(command):
+    """--module, --weights and --model-file: a model the zoo does not have (advmnist/foreign.py)."""
+    for option in reversed([
+            click.option("--module", "module", default=None, metavar="FILE.py:FACTORY",
+                         help="Your own network: FACTORY() in FILE.py builds it (pixels in [0, 1] in, (N, 10) "
+                              "logits out); its run directory goes under --out."),
+            click.option("--weights", type=click.Path(), default=None, help="With --module: a state_dict file to load."),
+            click.option("--model-file", type=click.Path(), default=None,
+                         help="Your own model saved as one file: torch.export (.pt2) or TorchScript.")]):
+        command = option(command)
+    return command
+
+
+def _check_foreign(run, model_name, module, weights, model_file) -> None:
+    if weights is not None and module is None:
+        raise AdvmnistError("--weights goes with --module FILE.py:FACTORY")
+    if (module is not None or model_file is not None) and (run is not None or model_name is not None):
+        raise AdvmnistError("give a run (--run/--model) or your own model (--module/--model-file), not both")
+
+
+def _pick_target(run, model_name, module, weights, model_file, out, data, device) -> Path:
+    """The run to work on: a new run directory for your own model, else --run, --model or the latest."""
+    if module is None and model_file is None:
+        return _pick_run(run, model_name, out)
+    from .evaluation import foreign_run
+
+    run_dir = foreign_run(data, out=out, module=module, weights=weights, model_file=model_file, device=device)
+    click.echo(f"run: {run_dir}", err=True)
+    return run_dir
+
+
 @main.command("evaluate")
 @click.option("--run", type=click.Path(), default=None, help="Run directory (default: the latest).",
               shell_complete=_complete_run)
@@ -324,12 +355,7 @@ def _names(ctx, param, value):
                    "is tighter and costs hundreds of forward passes).")
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="With --robust: also certified accuracy (IBP/CROWN lower bound), so the true value is an interval.")
-@click.option("--module", "module", default=None, metavar="FILE.py:FACTORY",
-              help="Evaluate your own network: FACTORY() in FILE.py builds it (pixels in [0, 1] in, (N, 10) "
-                   "logits out); its run directory goes under --out.")
-@click.option("--weights", type=click.Path(), default=None, help="With --module: a state_dict file to load.")
-@click.option("--model-file", type=click.Path(), default=None,
-              help="Evaluate a model saved as one file: torch.export (.pt2) or TorchScript.")
+@_foreign_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @trust_option
 @out_option
@@ -341,19 +367,11 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
     from .devices import pick_device
 
     pick_device(device)  # before anything is loaded
-    if weights is not None and module is None:
-        raise AdvmnistError("--weights goes with --module FILE.py:FACTORY")
-    foreign = module is not None or model_file is not None
-    if foreign and (run is not None or model_name is not None):
-        raise AdvmnistError("give a run (--run/--model) or your own model (--module/--model-file), not both")
-    from .evaluation import evaluate_run, foreign_run, robust_evaluate_run
+    _check_foreign(run, model_name, module, weights, model_file)
+    from .evaluation import evaluate_run, robust_evaluate_run
 
     data = _load_data(data_dir)
-    if foreign:
-        run_dir = foreign_run(data, out=out, module=module, weights=weights, model_file=model_file, device=device)
-        click.echo(f"run: {run_dir}", err=True)
-    else:
-        run_dir = _pick_run(run, model_name, out)
+    run_dir = _pick_target(run, model_name, module, weights, model_file, out, data, device)
     if robust:
         rr = robust_evaluate_run(run_dir, data, eps=eps, norm=norm, ensemble=ensemble, attacks=attacks, steps=steps,
                                  restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
@@ -479,14 +497,15 @@ def _attack_options(command):
 @click.option("--limit", type=T.LIMIT, default=None,
               help="untargeted attacks: attack the first N test images (default 1000; 0: all).")
 @click.option("--seed", type=T.SEED_INT, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@_foreign_options
 @trust_option
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-fast", is_flag=True, help="Plain autograd gradients instead of the fast path (to compare).")
-def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, limit, seed, device, out, data_dir,
-               quiet, no_fast, **options) -> None:
+def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, limit, seed, device, module, weights,
+               model_file, out, data_dir, quiet, no_fast, **options) -> None:
     """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html.
 
     Each option below the first three belongs to the attacks named in its help: the keyword-only
@@ -501,8 +520,10 @@ def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, li
     from .devices import pick_device
 
     pick_device(device)  # before the data is loaded
-    run_dir = _pick_run(run, model_name, out)
-    path = run_attack(run_dir, _load_data(data_dir), method, params=params, eps_list=eps, out=out, seed=seed,
+    _check_foreign(run, model_name, module, weights, model_file)
+    data = _load_data(data_dir)
+    run_dir = _pick_target(run, model_name, module, weights, model_file, out, data, device)
+    path = run_attack(run_dir, data, method, params=params, eps_list=eps, out=out, seed=seed,
                       per_digit=per_digit, limit=limit, target_map=target_map, targeted=targeted,
                       device=device, progress=not quiet and sys.stderr.isatty())
     from .records import read_attack_record

@@ -298,7 +298,9 @@ def _score_based_check(model, x, y, result: dict, *, eps: float, norm: str, seed
     detail = f"{names} broke {found} image(s) ({100.0 * found / n:.2f} pp of {n}) after every gradient attack"
     if found > limit:
         idx = only.nonzero().flatten()
+        t0 = time.perf_counter()
         recovered = int(_escalate(model, x[idx], y[idx], eps=eps, norm=norm, seed=seed, batch_size=batch_size).sum())
+        counts["escalation_seconds"] = round(time.perf_counter() - t0, 1)
         budget = "; ".join(f"{s.label} {s.params['steps']} steps x {s.params['restarts']} restarts" +
                            (f" x {s.params['targets']} targets" if "targets" in s.params else "") for s in ESCALATION)
         counts.update(recovered_by_restarts=recovered, square_only=found - recovered, escalation=budget)

@@ -178,6 +178,10 @@ def test_command_line_evaluates_a_module_and_its_weights(user_net, tmp_path, dev
     assert attacked.exit_code == 0, attacked.output
     assert "net.make" in attacked.output
     assert advmnist.runs.latest_run(out) is None
+    direct = cli("attack", "--module", f"{folder / 'net.py'}:make", "--weights", folder / "net.pt", "--method", "pgd",
+                 "--limit", "20", "--steps", "3", "--device", device, "--out", tmp_path / "direct", "--quiet")
+    assert direct.exit_code == 0, direct.output
+    assert len(list((tmp_path / "direct" / "attacks").glob("net.make-pgd-*"))) == 1
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
