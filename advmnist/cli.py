@@ -535,6 +535,18 @@ def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, li
     click.echo(f"wrote {path}/ and {path.parent / 'index.html'}")
 
 
+@main.command("leaderboard")
+@out_option
+def leaderboard_cmd(out) -> None:
+    """Every robust evaluation under --out in one table per threat model and eps, most robust first;
+    written as runs/attacks/leaderboard.md and leaderboard.html beside the attack gallery."""
+    from .leaderboard import write_leaderboard
+
+    md, page, rows = write_leaderboard(out)
+    click.echo(md.read_text(), nl=False)
+    click.echo(f"wrote {md} and {page} ({len(rows)} evaluation(s))")
+
+
 @main.group("experiment")
 def experiment_group() -> None:
     """Reproduce the reports' tables from the TOML specs under experiments/."""

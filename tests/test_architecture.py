@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("measures", ("measures", "execution", "robustness", "bounds", "exact")),
     ("records", ("runs", "records", "foreign")),
     ("pictures", ("pictures",)),
-    ("jobs", ("train", "attacking", "evaluation")),
+    ("jobs", ("train", "attacking", "evaluation", "leaderboard")),
     ("experiments", ("experiments",)),
     ("cli", ("cli", "cli_types")),
 ]
