@@ -59,7 +59,7 @@ def _write_pictures(folder: Path, prefix: str, x_ref, x_adv, y, target, res: dic
         if s in firsts:
             continue
         firsts.add(s)
-        ref_name = "x_target" if method == "penalty" else "clean"
+        ref_name = "reference" if method == "penalty" else "clean"
         t_text = f"target {target[i].item()}: " if target is not None else ""
         gallery_rows.append({
             "ref": x_ref[i], "adv": x_adv[i],
@@ -69,7 +69,9 @@ def _write_pictures(folder: Path, prefix: str, x_ref, x_adv, y, target, res: dic
             "delta_title": f"L2 {ex['l2'][i]:.2f}  Linf {ex['linf'][i]:.2f}",
         })
     gallery = f"{prefix}gallery.png"
-    pictures.attack_gallery(gallery_rows, folder / gallery, title=title)
+    columns = (("image it must look like", "adversarial image", "perturbation") if method == "penalty" else
+               ("clean image", "adversarial image", "perturbation"))
+    pictures.attack_gallery(gallery_rows, folder / gallery, title=title, columns=columns)
     return {"gallery": gallery, "digits": digits}
 
 

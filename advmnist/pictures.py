@@ -145,8 +145,15 @@ def digit_png(image: torch.Tensor, path: str | os.PathLike, scale: int = 10) -> 
         plt.imsave(tmp, arr, cmap="gray", vmin=0, vmax=1, format="png")
 
 
-def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Rows of (reference image, adversarial image, perturbation on a diverging map).
+def _from_noise(params: dict) -> bool:
+    """An attack that starts from noise (the penalty attack's default): its images were never the clean
+    ones, so the share "still classified correctly" is no robust accuracy."""
+    return params.get("init") == "noise"
+
+
+def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "",
+                   columns: Sequence[str] = ("clean image", "adversarial image", "perturbation")) -> None:
+    """Rows of (reference image, adversarial image, perturbation on a diverging map), under column headers.
 
     Each row dict: ref, adv (tensors), ref_title, adv_title, delta_title. 750 px wide with 10-point
     labels: the attack index shows it at this natural size, where every label reads.
@@ -165,6 +172,9 @@ def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "
             ax.set_title(r[key], fontsize=10, color=r.get(key + "_color", "black"))
             ax.set_xticks([])
             ax.set_yticks([])
+    for ax, header in zip(axes[0], columns):
+        ax.annotate(header, xy=(0.5, 1.0), xycoords="axes fraction", xytext=(0, 20), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=11, fontweight="bold")
     fig.colorbar(im, ax=axes, location="bottom", shrink=0.6, aspect=35, label="perturbation: adversarial - reference")
     if title:
         fig.suptitle(title, fontsize=12)
@@ -266,6 +276,7 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
     for res in rec["results"]:
         o = res["overall"]
         params = ", ".join(f"{k}={v}" for k, v in res["params"].items() if v is not None)
+        robust = "-" if _from_noise(res["params"]) else _cell(o["robust_accuracy"])
         rows.append(
             f"<tr><td class=l><a href='#{anchor}'>{e(rel)}</a></td><td class=l>{e(str(model['name']))}</td>"
             f"<td class=l>{e(str(rec['method']))}</td><td class=l><code>{e(params)}</code></td>"
@@ -292,9 +303,10 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
         if img:
             pics.insert(0, f"<figure>{img}</figure>")
     digits = rec["results"][-1]["per_digit"]
+    noise = _from_noise(rec["results"][-1]["params"])
     digit_rows = "".join(
         f"<tr><td>{e(str(d))}</td><td>{_cell(s['n'], 'd')}</td><td>{_cell(s['fooling_rate'])}</td>"
-        f"<td>{_cell(s['robust_accuracy'])}</td><td>{_cell(s['l2']['mean'], '.2f')}</td>"
+        f"<td>{'-' if noise else _cell(s['robust_accuracy'])}</td><td>{_cell(s['l2']['mean'], '.2f')}</td>"
         f"<td>{_cell(s['confidence']['mean'], '.2f')}</td></tr>"
         for d, s in digits.items())
     last = ", ".join(f"{k}={v}" for k, v in rec["results"][-1]["sweep_params"].items()) or "all"
@@ -335,7 +347,9 @@ def attack_index(records: Sequence[tuple[str, dict]], path: str | os.PathLike) -
     body = (f"<p>{len(sections)} attack run(s), newest first. Rates in %. Fooling rate: of the examples the "
             f"model classified correctly, the share the attack fooled (targeted attacks: sent to the target). "
             f"Still fools as PNG: of the successful images, the share that still succeed rounded to 8-bit "
-            f"pixels. Each run below lists its parameters and shows its gallery at full size (clean or "
+            f"pixels. Robust acc.: the share still classified correctly, shown as - for an attack that starts "
+            f"from noise (there it means nothing). Each run below lists its parameters and shows its gallery at "
+            f"full size (clean or "
             f"reference image, adversarial image and perturbation per digit, with the predictions).</p>"
             f"<table>{head}{''.join(rows)}</table>{''.join(sections)}")
     write_html(path, "advmnist attack runs", body)
