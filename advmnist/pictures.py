@@ -282,7 +282,7 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
             f"<td class=l>{e(str(rec['method']))}</td><td class=l><code>{e(params)}</code></td>"
             f"<td>{_cell(o['n'], 'd')}</td>"
             f"<td>{_cell(model['clean_test_accuracy'], '.2f')}</td><td>{_cell(o['fooling_rate'])}</td>"
-            f"<td>{_cell(o['robust_accuracy'])}</td><td>{_cell(o['l2']['mean'], '.2f')}</td>"
+            f"<td>{robust}</td><td>{_cell(o['l2']['mean'], '.2f')}</td>"
             f"<td>{_cell(o['linf']['mean'], '.3f')}</td><td>{_cell(o['success_8bit'])}</td></tr>")
     pics = []
     for res in rec["results"]:

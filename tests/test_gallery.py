@@ -72,3 +72,11 @@ def test_headless_chromium_renders_the_page(gallery, tmp_path):
     assert len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0)) > 50  # more than a flat fill
     if os.environ.get("ADVMNIST_KEEP_SCREENSHOT"):  # to look at it: ADVMNIST_KEEP_SCREENSHOT=/tmp/shot.png
         shutil.copy(shot, os.environ["ADVMNIST_KEEP_SCREENSHOT"])
+
+
+def test_robust_accuracy_is_not_shown_for_an_attack_started_from_noise(gallery):
+    rows = [r for r in gallery.read_text().split("<tr>") if "<td class=l>" in r and "</a>" in r]
+    penalty = [r for r in rows if ">penalty<" in r]
+    others = [r for r in rows if ">penalty<" not in r]
+    assert penalty and all(re.search(r"<td>[\d.]+</td><td>-</td>", r) for r in penalty)  # fooling rate, then -
+    assert others and not any(re.search(r"<td>[\d.]+</td><td>-</td>", r) for r in others)
