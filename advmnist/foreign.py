@@ -75,7 +75,8 @@ def load_module(spec: str, weights: str | Path | None = None) -> tuple[nn.Module
     if not sep or not file or not factory.isidentifier():
         raise ForeignModelError(f"--module {spec!r}: give FILE.py:FACTORY, e.g. net.py:make_net")
     path = _existing(file, "module file")
-    name = f"advmnist_user_{file_sha256(path)[:12]}"
+    module_sha256 = file_sha256(path)
+    name = f"advmnist_user_{module_sha256[:12]}"
     try:
         loader = importlib.util.spec_from_file_location(name, path)
         if loader is None or loader.loader is None:
@@ -98,7 +99,7 @@ def load_module(spec: str, weights: str | Path | None = None) -> tuple[nn.Module
     if not isinstance(model, nn.Module):
         raise ForeignModelError(f"{path}:{factory}() returned a {type(model).__name__}, not a torch nn.Module")
     info = {"source": "module", "module": str(path.resolve()), "factory": factory,
-            "module_sha256": file_sha256(path), "weights": None, "weights_sha256": None}
+            "module_sha256": module_sha256, "weights": None, "weights_sha256": None}
     if weights is not None:
         wpath = _existing(weights, "weights file")
         try:
