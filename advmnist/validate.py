@@ -98,6 +98,12 @@ ATTACK_PARAMS: dict[str, tuple[str, Range]] = {
     "rho": ("rho", Range(lo=0, hi=1)), "p_init": ("p_init", Range(lo=0, hi=1, lo_open=True)),
     "start_std": ("start_std", NONNEG), "alpha_max": ("alpha_max", Range(lo=0, hi=1)),
     "beta": ("beta", Range(lo=0, hi=1, lo_open=True, hi_open=True)),
+    "c": ("c", POSITIVE), "kappa": ("kappa", NONNEG), "search_steps": ("search_steps", COUNT),
+    "overshoot": ("overshoot", NONNEG), "candidates": ("candidates", Range(lo=2, hi=10, integer=True)),
+    "alpha_init": ("alpha_init", POSITIVE), "alpha_final": ("alpha_final", POSITIVE),
+    "gamma_init": ("gamma_init", Range(lo=0, hi=1, lo_open=True, hi_open=True)),
+    "gamma_final": ("gamma_final", Range(lo=0, hi=1, lo_open=True, hi_open=True)),
+    "theta": ("theta", Range(lo=0, hi=1, lo_open=True)), "gamma": ("gamma", Range(lo=0, hi=1, lo_open=True)),
 }
 
 
@@ -239,6 +245,7 @@ SPEC_SCHEMA: dict[str, dict[str, Field]] = {
         "params": _PARAMS,
         "limit": _number(COUNT),
         "label": _string(),
+        "target_map": _string(expect='"all" (the source-target grid) or a target map such as next or 0:3,1:7'),
     },
     "transfer": {"method": _string(), "params": _PARAMS, "limit": _number(COUNT)},
     "robust": {

@@ -10,6 +10,8 @@ from advmnist.measures import attack_measures, predict_logits
 QUICK = {"penalty": {"steps": 30}, "gd": {"steps": 30}, "fgsm": {"eps": 0.1}, "pgd": {"eps": 0.1, "steps": 5},
          "apgd": {"eps": 0.1, "steps": 5}, "apgd-t": {"eps": 0.1, "steps": 5, "targets": 2},
          "square": {"eps": 0.1, "queries": 30}, "fab-t": {"eps": 0.1, "steps": 5, "targets": 2}}
+QUICK.update({"cw": {"steps": 10, "search_steps": 2}, "deepfool": {"steps": 10}, "fmn": {"steps": 10},
+              "jsma": {"gamma": 0.05}})
 
 
 def acc(model, x, y):
@@ -19,7 +21,7 @@ def acc(model, x, y):
 def test_registry_holds_the_four_methods():
     assert {"penalty", "gd", "fgsm", "pgd"} <= set(list_attacks())
     with pytest.raises(AttackError, match="unknown attack"):
-        get_attack("cw")
+        get_attack("no-such-attack")
 
 
 @pytest.mark.parametrize("name", list_attacks())

@@ -13,6 +13,11 @@ from .pgd import pgd
 from .apgd import apgd, apgd_t
 from .square import square
 from .fab import fab_t
+from .cw import cw
+from .deepfool import deepfool
+from .fmn import fmn
+from .jsma import jsma
 
 __all__ = ["AttackError", "AttackSpec", "frozen", "get_attack", "gradient_fn", "input_grad", "list_attacks",
-           "logits_fn", "register_attack", "fgsm", "gd", "penalty", "pgd", "apgd", "apgd_t", "square", "fab_t"]
+           "logits_fn", "register_attack", "fgsm", "gd", "penalty", "pgd", "apgd", "apgd_t", "square", "fab_t",
+           "cw", "deepfool", "fmn", "jsma"]

@@ -36,6 +36,15 @@ class AttackSpec:
     fn: Callable[..., torch.Tensor]
     always_targeted: bool  # True: `y` holds target labels (penalty, gd)
     summary: str
+    #: For a minimum-norm attack (the smallest adversarial point it finds per example): the norm its
+    #: distances are measured in when it takes no `norm` parameter; None for a fixed-budget attack.
+    minimum_norm: str | None = None
+
+    def distance_norm(self, params: dict) -> str | None:
+        """The norm a minimum-norm attack minimised with these parameters; None for a fixed-budget one."""
+        if self.minimum_norm is None:
+            return None
+        return str(params.get("norm") or self.defaults().get("norm") or self.minimum_norm)
 
     def defaults(self) -> dict:
         """Keyword-only hyperparameters and their defaults, read from the signature."""
@@ -46,16 +55,18 @@ class AttackSpec:
 _ATTACKS: "OrderedDict[str, AttackSpec]" = OrderedDict()
 
 
-def register_attack(*, always_targeted: bool = False, name: str | None = None):
+def register_attack(*, always_targeted: bool = False, name: str | None = None, minimum_norm: str | None = None):
     """Add an attack function to the registry under `name` (default: its own name, so `apgd_t`
-    can be listed as "apgd-t"); a duplicate is an error."""
+    can be listed as "apgd-t"); a duplicate is an error. `minimum_norm` ("l0", "l1", "l2", "linf") marks
+    an attack that returns the smallest adversarial point it finds: its runs record each example's
+    distance and the robust-accuracy curve it implies."""
 
     def decorator(fn):
         key = name or fn.__name__
         if key in _ATTACKS:
             raise ValueError(f"attack {key!r} is registered twice")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        _ATTACKS[key] = AttackSpec(key, fn, always_targeted, summary)
+        _ATTACKS[key] = AttackSpec(key, fn, always_targeted, summary, minimum_norm)
         return fn
 
     return decorator
