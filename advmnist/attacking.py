@@ -23,7 +23,7 @@ from .devices import pick_device
 from .errors import InvalidValue
 from .execution import check_params, execute_attack, select
 from .foreign import load_run_model
-from .measures import evaluate
+from .measures import distance_profile, evaluate, predict_logits
 
 ATTACKS_DIR = "attacks"
 
@@ -98,10 +98,13 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
         raise AttackError(str(exc)) from None
     if targeted and not spec.always_targeted and "targeted" not in accepted:
         raise AttackError(f"attack {method!r} is untargeted: drop --targeted")
+    if not targeted and not spec.always_targeted and target_map.strip().lower() != "next":
+        raise AttackError(f"--target-map {target_map} goes with --targeted"
+                          + ("" if "targeted" in accepted else f" (attack {method!r} is untargeted)"))
     targeted = targeted or spec.always_targeted
-    if spec.always_targeted and per_digit is None and not limit:
+    if targeted and per_digit is None and not limit:
         per_digit = 1
-    if not spec.always_targeted and per_digit is None and limit is None:
+    if not targeted and per_digit is None and limit is None:
         limit = 1000
 
     start = time.perf_counter()
@@ -132,6 +135,14 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
             title = (f"{ckpt['model']} / {' '.join([method, label]).strip()}: fooling rate "
                      f"{pictures._fmt(res['overall']['fooling_rate'])}%")
             files = _write_pictures(folder, prefix, x, x_adv, y, target, res, method, title)
+            norm = spec.distance_norm(done.params)
+            if norm is not None:
+                res["distance"] = distance_profile(res["per_example"], y.tolist(), norm, targeted=target is not None)
+                what = "distance to the target" if target is not None else "robust accuracy"
+                pictures.plot_distance_curve({method: res["distance"]}, folder / f"{prefix}distance_curve.png",
+                                             title=f"{ckpt['model']} / {method}: {what} from each example's "
+                                                   f"smallest adversarial")
+                files["distance_curve"] = f"{prefix}distance_curve.png"
             torch.save({"indices": idx.cpu(), "target": None if target is None else target.cpu(),
                         "x_adv": x_adv.cpu()}, folder / f"{prefix}adversarial.pt")
             per_example = res.pop("per_example")
@@ -149,13 +160,20 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
                                 ylabel="%")
             record_files["sweep_plot"] = "robust_vs_eps.png"
         if targeted and target_map.strip().lower() == "all" and len(sweep) == 1:
-            images = {}
+            size_norm = spec.distance_norm(results[0]["params"]) or "l2"
+            delta = (x_adv - x).flatten(1)
+            sizes = {"l0": (delta != 0).sum(1).float(), "l1": delta.abs().sum(1), "l2": delta.norm(dim=1),
+                     "linf": delta.abs().amax(1)}[size_norm].tolist()
+            preds, clean_preds = predict_logits(model, x_adv).argmax(1).tolist(), predict_logits(model, x).argmax(1).tolist()
+            cells = {}
             for i, (s, t) in enumerate(zip(y.tolist(), target.tolist())):
-                images.setdefault((s, s), x[i])
-                images.setdefault((s, t), x_adv[i])
-            pictures.target_matrix(images, folder / "matrix.png",
-                                   title=f"{ckpt['model']} / {method}: row digit, made to read as column")
-            record_files["matrix"] = "matrix.png"
+                cells.setdefault((s, s), {"image": x[i], "pred": clean_preds[i], "size": None})
+                cells.setdefault((s, t), {"image": x_adv[i], "pred": preds[i],
+                                          "size": pictures.size_text(size_norm, sizes[i])})
+            pictures.target_grid(cells, folder / "grid.png",
+                                 title=f"{ckpt['model']} / {method}: the first test image of each digit (rows) "
+                                       f"sent to every target (columns)")
+            record_files["grid"] = "grid.png"
         record = {
             "kind": "attack", "method": method, "name": name,
             "model": {"name": ckpt["model"], "options": ckpt.get("options", {}), "run": str(run_dir),

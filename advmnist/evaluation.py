@@ -13,7 +13,7 @@ from torch import nn
 from . import pictures, runs
 from .data import MNIST
 from .errors import AdvmnistError
-from .measures import eval_mode, evaluate, predict_logits
+from .measures import eval_mode, evaluate, predict_logits, robust_at
 
 
 @torch.no_grad()
@@ -212,6 +212,70 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
               "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, **body,
               "wall_time_s": round(time.perf_counter() - start, 1)}
     runs.write_json(run_dir / "eval" / "robust.json", record)
+    return record
+
+
+def minimum_norm_profiles(out: str | Path, checkpoint_sha256: str, norm: str) -> dict[str, dict]:
+    """The distance profiles of every untargeted minimum-norm attack run under `<out>/attacks/` on these
+    weights in this norm, labelled "<method> (<run>)"."""
+    found = {}
+    for path in sorted((Path(out) / "attacks").glob("*/record.json")):
+        rec = runs.read_record(path, kind="attack")
+        if not rec or (rec.get("model") or {}).get("checkpoint_sha256") != checkpoint_sha256:
+            continue
+        if (rec.get("selection") or {}).get("targeted"):
+            continue
+        for res in rec.get("results") or []:
+            prof = res.get("distance")
+            if isinstance(prof, dict) and prof.get("norm") == norm and prof.get("n"):
+                found[f"{rec.get('method')} ({path.parent.name})"] = prof
+    return found
+
+
+def robust_curve_run(run_dir: str | Path, data: MNIST, eps_values: list[float], *, out: str | Path = "runs",
+                     known: dict | None = None, norm: str = "linf", limit: int | None = 1000,
+                     device: str = "cpu", log=lambda s: None, **settings) -> dict:
+    """The ensemble's robust accuracy (and certified bound) at each eps, beside the curves of the
+    minimum-norm attacks run on the same weights (`advmnist attack --method fmn ...`), in one figure:
+    where a minimum-norm curve lies above the ensemble's points it missed adversarial images the
+    ensemble found, and is not to be trusted there. `known`: a robust record already made at one of
+    the eps values, reused. Writes `run_dir/eval/robust_curve.json` and `robust_curve.png`."""
+    from .devices import pick_device
+    from .foreign import load_run_model
+
+    dev = pick_device(device)
+    run_dir = Path(run_dir)
+    model, ckpt = load_run_model(run_dir, map_location=dev)
+    n = len(data.test_y) if not limit else min(limit, len(data.test_y))
+    x, y = data.test_x[:n].to(dev), data.test_y[:n].to(dev)
+    points = []
+    for eps in sorted(set(eps_values)):
+        if known is not None and known.get("eps") == eps and known.get("n") == n:
+            body = known
+        else:
+            log(f"eps {eps:g}")
+            body = robust_evaluate_model(model, x, y, eps=eps, norm=norm, log=log, **settings)
+        cert = (body.get("certified") or {}).get("certified_accuracy")
+        points.append({"eps": eps, "robust_accuracy": body["robust_accuracy"], "certified_accuracy": cert,
+                       "flagged": body["masking"]["flagged"]})
+    profiles = minimum_norm_profiles(out, ckpt["sha256"], norm)
+    comparison = [{"attack": label, "n": prof["n"], "median": prof.get("median"),
+                   "at": [{"eps": p["eps"], "robust_accuracy": robust_at(prof, p["eps"]),
+                           "weaker_than_ensemble": robust_at(prof, p["eps"]) > p["robust_accuracy"] + 1e-9}
+                          for p in points]}
+                  for label, prof in profiles.items()]
+    record = {"kind": "robust-curve", "run": str(run_dir), "model": ckpt["model"],
+              "checkpoint_sha256": ckpt["sha256"], "norm": norm, "n": n, "points": points,
+              "minimum_norm": comparison, "settings": {k: v for k, v in settings.items()},
+              "provenance": runs.provenance()}
+    folder = run_dir / "eval"
+    runs.write_json(folder / "robust_curve.json", record)
+    marks = {f"ensemble, attacked ({n} images)": ([p["eps"] for p in points], [p["robust_accuracy"] for p in points])}
+    certified = [p for p in points if p["certified_accuracy"] is not None]
+    if certified:
+        marks["certified"] = ([p["eps"] for p in certified], [p["certified_accuracy"] for p in certified])
+    pictures.plot_distance_curve(profiles, folder / "robust_curve.png", points=marks, norm=norm,
+                                 title=f"{ckpt['model']}: robust accuracy against {norm} eps")
     return record
 
 

@@ -90,6 +90,7 @@ def attack_measures(model: nn.Module, x_ref: torch.Tensor, y: torch.Tensor, x_ad
         success, success_8bit = adv_pred == target, pred_8bit == target
     delta = (x_adv - x_ref).flatten(1)
     l2, linf = delta.norm(dim=1), delta.abs().amax(dim=1)
+    l1, l0 = delta.abs().sum(dim=1), (delta != 0).sum(dim=1)
 
     def summary(mask: torch.Tensor) -> dict:
         out = {
@@ -101,6 +102,8 @@ def attack_measures(model: nn.Module, x_ref: torch.Tensor, y: torch.Tensor, x_ad
             "confidence": _stats(conf[mask]),
             "l2": _stats(l2[mask]),
             "linf": _stats(linf[mask]),
+            "l1": _stats(l1[mask]),
+            "l0": _stats(l0[mask]),
         }
         if target is not None:
             out["target_success_rate"] = _rate(success & mask, mask)
@@ -111,5 +114,46 @@ def attack_measures(model: nn.Module, x_ref: torch.Tensor, y: torch.Tensor, x_ad
         "per_digit": {str(d): summary(y == d) for d in range(10) if (y == d).any()},
         "per_example": {"clean_pred": clean_pred.tolist(), "adv_pred": adv_pred.tolist(),
                         "confidence": conf.tolist(), "success": success.tolist(),
-                        "success_8bit": success_8bit.tolist(), "l2": l2.tolist(), "linf": linf.tolist()},
+                        "success_8bit": success_8bit.tolist(), "l2": l2.tolist(), "linf": linf.tolist(),
+                        "l1": l1.tolist(), "l0": l0.tolist()},
     }
+
+
+NORMS = ("l0", "l1", "l2", "linf")
+
+
+def distance_profile(per_example: dict, y: list[int], norm: str, targeted: bool = False) -> dict:
+    """What a minimum-norm attack says about a model: each example's distance to the nearest adversarial
+    point it found (0 for an example the model already gets wrong; none if it was never fooled), the
+    median, and the robust accuracy at every eps it implies, robust(eps) = share with distance > eps.
+
+    `sorted` holds the finite distances in increasing order, so the whole curve is redrawn from the
+    record. The (lower) median counts never-fooled examples as infinitely far: None when more than half are.
+    `median_fooled`: the median over the examples it fooled only (how the papers quote a targeted attack's
+    size, beside its success rate). Targeted: the distance to reach each example's target, and no example
+    counts as 0 for being wrong.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}")
+    n = len(per_example["success"])
+    dist = []
+    for i in range(n):
+        if not targeted and per_example["clean_pred"][i] != y[i]:
+            dist.append(0.0)
+        elif per_example["success"][i]:
+            dist.append(float(per_example[norm][i]))
+        else:
+            dist.append(None)
+    finite = sorted(d for d in dist if d is not None)
+    never = n - len(finite)
+    ranked = finite + [float("inf")] * never
+    median = ranked[(n - 1) // 2] if n else None
+    return {"norm": norm, "n": n, "never_fooled": never, "median": None if median == float("inf") else median,
+            "median_fooled": finite[(len(finite) - 1) // 2] if finite else None,
+            "sorted": [round(d, 6) for d in finite]}
+
+
+def robust_at(profile: dict, eps: float) -> float:
+    """Robust accuracy (%) at `eps` implied by a distance profile: examples farther than eps, or never fooled."""
+    farther = sum(1 for d in profile["sorted"] if d > eps)
+    return 100.0 * (farther + profile["never_fooled"]) / profile["n"] if profile["n"] else float("nan")

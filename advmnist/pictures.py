@@ -181,23 +181,66 @@ def attack_gallery(rows: Sequence[dict], path: str | os.PathLike, title: str = "
     _save(fig, path)
 
 
-def target_matrix(images: dict[tuple[int, int], torch.Tensor], path: str | os.PathLike,
-                  title: str = "") -> None:
-    """Source digit rows x target digit columns; images[(s, t)], the diagonal holds the originals."""
-    fig, axes = plt.subplots(10, 10, figsize=(9, 9.6))
+def size_text(norm: str, value: float) -> str:
+    """A perturbation size as the papers print it: pixels changed for L0, else the norm's value."""
+    return f"{int(round(value))} px" if norm == "l0" else f"{norm.upper()} {value:.2f}"
+
+
+def target_grid(cells: dict[tuple[int, int], dict], path: str | os.PathLike, title: str = "") -> None:
+    """Source digit rows x target digit columns, as in Papernot et al. 2016 and Carlini & Wagner 2017.
+
+    cells[(s, t)]: {"image", "pred", "size"} (size: text, or None on the diagonal, which holds the
+    clean image). Each cell is labelled with the model's prediction and the perturbation size; a
+    cell whose prediction is not its column's target is labelled in red.
+    """
+    fig, axes = plt.subplots(10, 10, figsize=(11, 12.4), layout="constrained")
     for s in range(10):
         for t in range(10):
             ax = axes[s, t]
             ax.set_xticks([])
             ax.set_yticks([])
-            if (s, t) in images:
-                ax.imshow(_img(images[(s, t)]), cmap="gray", vmin=0, vmax=1)
+            cell = cells.get((s, t))
+            if cell is not None:
+                ax.imshow(_img(cell["image"]), cmap="gray", vmin=0, vmax=1)
+                label = f"pred {cell['pred']}" + (f"\n{cell['size']}" if cell.get("size") else "\n(clean)")
+                missed = s != t and cell["pred"] != t
+                ax.set_xlabel(label, fontsize=8, color="crimson" if missed else "black", labelpad=2)
             if s == 0:
-                ax.set_title(f"as {t}", fontsize=9)
+                ax.set_title(f"target {t}", fontsize=10)
             if t == 0:
-                ax.set_ylabel(f"{s}", fontsize=9, rotation=0, labelpad=10)
+                ax.set_ylabel(f"digit {s}", fontsize=10)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=12)
+    _save(fig, path)
+
+
+def plot_distance_curve(curves: dict[str, dict], path: str | os.PathLike, title: str = "",
+                        points: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                        norm: str | None = None) -> None:
+    """Robust accuracy against eps implied by minimum-norm distance profiles (step curves, median
+    marked), with fixed-eps evaluations drawn as points on the same axes where given."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    top = 0.0
+    for label, prof in curves.items():
+        xs = [0.0] + list(prof["sorted"])
+        n = prof["n"] or 1
+        ys = [100.0 * (len(prof["sorted"]) - sum(1 for d in prof["sorted"] if d <= x) + prof["never_fooled"]) / n
+              for x in xs]
+        end = (max(xs) if xs else 1.0) * 1.1 or 1.0
+        top = max(top, end)
+        line, = ax.step(xs + [end], ys + [ys[-1]], where="post", label=label)
+        if prof.get("median") is not None:
+            ax.axvline(prof["median"], color=line.get_color(), ls=":", lw=1)
+            ax.annotate(f"median {prof['median']:.3g}", (prof["median"], 50), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8, color=line.get_color())
+    for label, (eps, acc) in (points or {}).items():
+        ax.plot(eps, acc, "o", ms=7, label=label)
+        top = max([top, *eps])
+    norms = {p["norm"] for p in curves.values()} | ({norm} if norm else set())
+    ax.set(xlabel=f"eps ({', '.join(sorted(norms))})", ylabel="robust accuracy (%)", title=title,
+           ylim=(-2, 102), xlim=(0, top or 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
     _save(fig, path)
 
 
@@ -289,6 +332,12 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
         files = res["files"]
         label = ", ".join(f"{k}={v}" for k, v in res["sweep_params"].items())
         gallery = a_img(files.get("gallery"))  # natural size: the labels drawn in it read
+        curve = a_img(files.get("distance_curve"))
+        if curve:
+            prof = res.get("distance") or {}
+            median = prof.get("median") if prof.get("median") is not None else prof.get("median_fooled")
+            gallery = (f"<p>median {e(str(prof.get('norm', '')).upper())} distance to the nearest adversarial "
+                       f"image found: {_cell(median, '.3f')}</p>{curve}" + gallery)
         thumbs = []
         for p in list(files.get("digits", []))[:30]:
             img = a_img(p, title=True)
@@ -298,7 +347,7 @@ def _index_entry(base: Path, rel: str, rec: dict, anchor: str) -> tuple[list[str
                 thumbs.append(f"<figure>{img}<figcaption>{e(caption)}</figcaption></figure>")
         pics.append(f"<figure><figcaption>{e(label or 'gallery')}</figcaption>{gallery}"
                     f"<div class=thumbs>{''.join(thumbs)}</div></figure>")
-    for key in ("sweep_plot", "matrix"):
+    for key in ("sweep_plot", "matrix", "grid"):
         img = a_img((rec.get("files") or {}).get(key))
         if img:
             pics.insert(0, f"<figure>{img}</figure>")

@@ -128,6 +128,21 @@ class Measures:
     confidence: Stats = field(default_factory=Stats)
     l2: Stats = field(default_factory=Stats)
     linf: Stats = field(default_factory=Stats)
+    l1: Stats = field(default_factory=Stats)
+    l0: Stats = field(default_factory=Stats)  # pixels changed
+
+
+@dataclass(frozen=True)
+class DistanceProfile:
+    """A minimum-norm attack's distances (`measures.distance_profile`): the sorted finite ones, how many
+    examples it never fooled, the median; the robust-accuracy curve is drawn from them."""
+
+    norm: str = ""
+    n: int = 0
+    never_fooled: int = 0
+    median: float | None = None
+    median_fooled: float | None = None  # over the fooled examples only
+    sorted: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,7 @@ class AttackResult:
     files: dict = field(default_factory=dict)
     seconds: float = 0.0
     examples: dict | None = None  # per-example results of small selections
+    distance: DistanceProfile | None = None  # minimum-norm attacks only
 
 
 @dataclass(frozen=True)
@@ -193,6 +209,8 @@ class CachedAttack:
     data: str = ""  # the data checksum
     overall: Measures = field(default_factory=Measures)
     seconds: float = 0.0
+    distance: DistanceProfile | None = None  # minimum-norm attacks only
+    grid: dict | None = None  # target_map "all": per pair test_index, true, target, clean_pred, adv_pred, size
 
 
 # ---- robust evaluation (advmnist.evaluation.robust_evaluate_run) ------------------------------------

@@ -167,7 +167,7 @@ def gallery(pages):
 def test_attack_gallery_links_only_files_that_exist(gallery):
     targets, absent = missing(gallery)
     names = {Path(t).name for t in targets}
-    assert {"gallery.png", "robust_vs_eps.png", "matrix.png", "record.json"} <= names
+    assert {"gallery.png", "robust_vs_eps.png", "grid.png", "record.json"} <= names
     assert sum(t.endswith(".png") for t in targets) > 20
     assert absent == [], f"index.html links missing files: {absent}"
 

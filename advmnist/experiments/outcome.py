@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..records import Measures, RobustRecord, RunRecord
+from ..records import CachedAttack, Measures, RobustRecord, RunRecord
 from .spec import AttackEval, Spec, Transfer, Variant
 
 
@@ -28,6 +28,14 @@ class AttackColumn:
     label: str  # the column's name
     eps: float | None  # this column's eps (the attack's default where the spec gives none); None: no eps
     cells: tuple[tuple[Measures, ...], ...]  # per variant (rows' order), per seed
+    records: tuple[tuple[CachedAttack, ...], ...] = ()  # the same cells' whole records (distances, grid)
+    grids: tuple[Path | None, ...] = ()  # per variant: the first seed's adversarial images of the grid
+
+    @property
+    def norm(self) -> str | None:
+        """The norm of a minimum-norm attack's distances; None for a fixed-budget attack."""
+        first = self.records[0][0] if self.records and self.records[0] else None
+        return first.distance.norm if first is not None and first.distance is not None else None
 
 
 @dataclass(frozen=True)

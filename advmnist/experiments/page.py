@@ -96,20 +96,45 @@ def render(o: Outcome, figures: dict[str, str]) -> str:
                   "Robust accuracy (%) on the first test images under each attack (penalty: fooling rate "
                   "of report 001's target-penalized attack on the first test image of each digit, "
                   "target digit + 1); mean over seeds.", "",
-                  "| variant | clean | " + " | ".join(c.label for c in o.columns) + " |",
+                  "| variant | clean | " + " | ".join(_column_header(c) for c in o.columns) + " |",
                   "| --- | ---: |" + " ---: |" * len(o.columns)]
         for i, row in enumerate(o.rows):
             cells = []
             for c in o.columns:
+                if c.norm is not None:
+                    medians = [r.distance.median for r in c.records[i]]
+                    cells.append("–" if None in medians else _fmt(statistics.fmean(medians), ".3g"))
+                    continue
                 key = "fooling_rate" if c.attack.method == "penalty" else "robust_accuracy"
                 cells.append(_fmt(statistics.fmean(getattr(m, key) for m in c.cells[i]), ".1f"))
             clean = statistics.fmean(r.test_accuracy for r in row.records)
             lines.append(f"| {row.variant.label} | {clean:.2f} | " + " | ".join(cells) + " |")
+        if any(c.norm is not None for c in o.columns):
+            lines += ["", "A column headed *median* is a minimum-norm attack's: the median over the images of "
+                      "the distance from each image to the nearest adversarial image the attack found (0 for an "
+                      "image the model already gets wrong; an image it never fooled counts as infinitely far; "
+                      "L0 in pixels changed). Targeted: the distance to reach the target."]
         if "robustness" in figures:  # drawn only where an attack has an eps
             lines += ["", f"![robust accuracy against eps (eps 0: clean accuracy)]({figures['robustness']})", ""]
+        if "distances" in figures:
+            lines += ["", "Robust accuracy against eps implied by each minimum-norm attack's distances (first "
+                      "seed): the share of images farther than eps from every adversarial image the attack "
+                      "found. It is an upper bound: a stronger attack can only lower it. Where the robust "
+                      "section's norm matches, the standard ensemble's points at fixed eps are drawn on the same "
+                      "axes: where a curve lies above them the minimum-norm attack missed adversarial images the "
+                      "ensemble found, and is not to be trusted there.", "",
+                      f"![robust accuracy implied by minimum-norm distances]({figures['distances']})", ""]
+        for key, caption in figures.get("grids", []):
+            lines += ["", caption, "", f"![{caption}]({key})", ""]
     lines += [(_robust_section(o, figures) if o.robust else "") + (_transfer_section(o, figures) if o.transfer else ""),
               ""]
     return "\n".join(lines)
+
+
+def _column_header(c) -> str:
+    if c.norm is None:
+        return c.label
+    return f"{c.label}: median {'pixels' if c.norm == 'l0' else c.norm.upper()}"
 
 
 def robust_command(r: Robust) -> str:

@@ -4,6 +4,7 @@ measure."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -19,6 +20,11 @@ def draw(o: Outcome, folder: Path) -> dict[str, str]:
     _plot_histories(o, folder / figures["curves"])
     if _plot_robustness(o, folder / f"{name}_robustness.png"):
         figures["robustness"] = f"{name}_robustness.png"
+    if _plot_distances(o, folder / f"{name}_distances.png"):
+        figures["distances"] = f"{name}_distances.png"
+    grids = _draw_grids(o, folder)
+    if grids:
+        figures["grids"] = grids
     if o.curve:
         figures["interval"] = f"{name}_interval.png"
         _plot_interval(o, folder / figures["interval"])
@@ -66,7 +72,7 @@ def _plot_robustness(o: Outcome, path: Path) -> bool:
     groups: dict[int, list] = {}
     for c in o.columns:
         groups.setdefault(c.group, []).append(c)
-    panels = [cols for cols in groups.values() if all(c.eps is not None for c in cols)]
+    panels = [cols for cols in groups.values() if all(c.eps is not None and c.norm is None for c in cols)]
     if not panels:
         return False
     import matplotlib.pyplot as plt
@@ -87,6 +93,72 @@ def _plot_robustness(o: Outcome, path: Path) -> bool:
         ax.legend(fontsize=8)
     pictures._save(fig, path)
     return True
+
+
+def _plot_distances(o: Outcome, path: Path) -> bool:
+    """One panel per untargeted minimum-norm column: the robust accuracy each variant's distances
+    imply (first seed). Returns whether a figure was written."""
+    cols = [c for c in o.columns if c.norm is not None and not (c.records and c.records[0][0].grid)
+            and not _targeted(c)]
+    if not cols:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cols), figsize=(6.4 * len(cols), 4.2), squeeze=False, layout="constrained")
+    for ax, c in zip(axes[0], cols):
+        for i, row in enumerate(o.rows):
+            prof = dataclasses.asdict(c.records[i][0].distance)
+            xs = [0.0] + prof["sorted"]
+            ys = [100.0 * (sum(d > x for d in prof["sorted"]) + prof["never_fooled"]) / prof["n"] for x in xs]
+            ax.step(xs, ys, where="post", label=f"{row.variant.label} (median {_median(prof)})",
+                    color=_line_style(i)["color"], linestyle=_line_style(i)["linestyle"])
+            if o.curve and o.spec.robust is not None and o.spec.robust.norm == c.norm:
+                recs = o.curve[i]
+                ax.plot([r.eps for r in recs], [r.robust_accuracy for r in recs], "o", ms=7,
+                        color=_line_style(i)["color"], label=f"{row.variant.label}: standard ensemble at fixed eps")
+        ax.set(xlabel=f"eps ({c.norm})", ylabel="robust accuracy (%)", title=c.label, ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    pictures._save(fig, path)
+    return True
+
+
+def _median(prof: dict) -> str:
+    return "none" if prof["median"] is None else f"{prof['median']:.3g}"
+
+
+def _targeted(c) -> bool:
+    from ..attacks import get_attack
+
+    return bool(c.attack.target_map) or get_attack(c.attack.method).always_targeted
+
+
+def _draw_grids(o: Outcome, folder: Path) -> list[tuple[str, str]]:
+    """The source-target grid of every column with target_map "all", per variant (first seed)."""
+    import torch
+
+    drawn = []
+    for j, c in enumerate(o.columns):
+        for i, (row, path) in enumerate(zip(o.rows, c.grids)):
+            if path is None or not path.is_file():
+                continue
+            grid = c.records[i][0].grid
+            saved = torch.load(path, weights_only=True)
+            cells = {}
+            for k, (s, t) in enumerate(zip(grid["true"], grid["target"])):
+                cells.setdefault((s, s), {"image": saved["x"][k], "pred": grid["clean_pred"][k], "size": None})
+                cells[(s, t)] = {"image": saved["x_adv"][k], "pred": grid["adv_pred"][k],
+                                 "size": pictures.size_text(grid["norm"], grid["size"][k])}
+            name = f"{o.spec.name}_grid_{j + 1}_{i + 1}.png"
+            title = f"{row.variant.label} / {c.label}: each row's digit sent to every column's target"
+            pictures.target_grid(cells, folder / name, title=title)
+            hit = sum(p == t for p, t in zip(grid["adv_pred"], grid["target"]))
+            sizes = sorted(grid["size"][k] for k in range(len(grid["size"])) if grid["adv_pred"][k] == grid["target"][k])
+            median = pictures.size_text(grid["norm"], sizes[(len(sizes) - 1) // 2]) if sizes else "none"
+            drawn.append((name, f"{row.variant.label}, {c.label}: the first test image of each digit (rows) sent to "
+                                f"every other digit (columns), the diagonal clean; {hit} of {len(grid['target'])} "
+                                f"pairs reach their target, median size of those {median}."))
+    return drawn
 
 
 def _plot_interval(o: Outcome, path: Path) -> None:

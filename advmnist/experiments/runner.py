@@ -31,7 +31,7 @@ from ..data import MNIST, load_mnist
 from ..devices import pick_device
 from ..errors import AdvmnistError
 from ..execution import execute_attack, select
-from ..measures import attack_measures
+from ..measures import attack_measures, distance_profile
 from ..models import Recipe
 from ..records import CachedAttack, RobustRecord, RunRecord, from_dict, read
 from ..train import Adversarial, resolve_recipe, train_run
@@ -117,8 +117,7 @@ def run_experiment(spec_path: str | Path, *, out: str | Path = "runs", results: 
         paths = tuple(out / Path(h.result()).name for h in handles)  # as find_run names them
         found.append(VariantRuns(v, paths, tuple(read(p / runs.RECORD, RunRecord) for p in paths)))
     rows = tuple(found)
-    columns = tuple(dataclasses.replace(c, cells=tuple(tuple(from_dict(CachedAttack, h.result()).overall for h in row)
-                                                       for row in c.cells)) for c in columns)
+    columns = tuple(_gathered(c, rows) for c in columns)
     robust = tuple(tuple(from_dict(RobustRecord, h.result()) for h in per_seed) for per_seed in robust)
     curve = tuple(tuple(from_dict(RobustRecord, h.result()) for h in per_eps) for per_eps in curve)
     transfer = _transfer(spec, rows, data, dev) if spec.transfer else None
@@ -238,33 +237,66 @@ def _attack_columns(spec: Spec, rows, plan: _Plan) -> tuple[AttackColumn, ...]:
     return tuple(columns)
 
 
+def _gathered(c: AttackColumn, rows: tuple[VariantRuns, ...]) -> AttackColumn:
+    """A column whose cells held task handles, with the records they produced."""
+    records = tuple(tuple(from_dict(CachedAttack, h.result()) for h in row) for row in c.cells)
+    grids = tuple(row.runs[0] / "attack-cache" / recs[0].grid["images"] if recs[0].grid else None
+                  for row, recs in zip(rows, records))
+    return dataclasses.replace(c, cells=tuple(tuple(r.overall for r in recs) for recs in records), records=records,
+                               grids=grids)
+
+
 def _attack_key(a: AttackEval, point: dict, seed: int, data: MNIST) -> tuple[dict, dict]:
     """The attack's parameters at this point, and its cache key.
     `point`: this column's values of the parameters given as lists (eps and what goes with it)."""
     params = {**a.params, **point}
     if a.method == "pgd" and "alpha" not in params:  # the key holds the step used, not "the default of the day"
         params["alpha"] = default_alpha(params.get("eps", 0.3), params.get("steps", 40))
-    return params, {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
+    key = {"method": a.method, "params": params, "limit": a.limit, "seed": seed, "data": data.checksum}
+    if a.target_map:  # only where given: the keys of caches made before it existed stay as they were
+        key["target_map"] = a.target_map
+    return params, key
 
 
 def _attack_record(run: Path, data: MNIST, a: AttackEval, point: dict, seed: int, device: str = "cpu") -> dict:
     """Overall attack measures for one run (a `CachedAttack` record), computed once and cached in the
     run directory."""
     params, key = _attack_key(a, point, seed, data)
+    grid = _grid_path(run, a, key) if a.target_map == "all" else None
     return _cached(run / "attack-cache" / f"{a.method}-{_key(key)}.json",
-                   lambda: {**key, **_attack(run, data, a, params, seed, device)})
+                   lambda: {**key, **_attack(run, data, a, params, seed, device, grid)})
 
 
-def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int, device: str = "cpu") -> dict:
+def _grid_path(run: Path, a: AttackEval, key: dict) -> Path:
+    return run / "attack-cache" / f"{a.method}-{_key(key)}-grid.pt"
+
+
+def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int, device: str = "cpu",
+            grid_path: Path | None = None) -> dict:
     """The attack on the first `limit` test images, or, for attacks that always aim at a target, on
-    the first image of each digit with target digit + 1."""
+    the first image of each digit with target digit + 1 (every other digit with `target_map` "all",
+    whose adversarial images are saved at `grid_path` for the page's grid). A minimum-norm attack's
+    record holds its distance profile."""
     model, _ = runs.load_checkpoint(run, map_location=device)
-    targeted = get_attack(a.method).always_targeted
-    chosen = select(data, per_digit=1, targeted=True) if targeted else select(data, limit=a.limit)
+    spec = get_attack(a.method)
+    targeted = spec.always_targeted or bool(a.target_map)
+    chosen = (select(data, per_digit=1, targeted=True, target_map=a.target_map or "next") if targeted
+              else select(data, limit=a.limit))
     x, y = data.test_x[chosen.indices].to(device), data.test_y[chosen.indices].to(device)
     target = None if chosen.target is None else chosen.target.to(device)
     done = execute_attack(model, a.method, x, y, target=target, params=params, seed=seed)
-    return {"overall": done.measures["overall"], "seconds": done.seconds}
+    out = {"overall": done.measures["overall"], "seconds": done.seconds}
+    ex = done.measures["per_example"]
+    norm = spec.distance_norm(done.params)
+    if norm is not None:
+        out["distance"] = distance_profile(ex, y.tolist(), norm, targeted=target is not None)
+    if a.target_map == "all" and grid_path is not None:
+        size_norm = norm or "l2"
+        out["grid"] = {"test_index": chosen.indices.tolist(), "true": y.tolist(), "target": target.tolist(),
+                       "clean_pred": ex["clean_pred"], "adv_pred": ex["adv_pred"], "norm": size_norm,
+                       "size": ex[size_norm], "images": grid_path.name}
+        torch.save({"x": x.cpu(), "x_adv": done.x_adv.cpu()}, grid_path)
+    return out
 
 
 def _robust_name(r: Robust, seed: int, data: MNIST) -> str:

@@ -38,6 +38,7 @@ class AttackEval:
     params: dict = field(default_factory=dict)  # attack keyword arguments (eps may be a list: a sweep)
     limit: int = 1000  # untargeted attacks: the first `limit` test images
     label: str = ""  # column name on the page; default from method and parameters
+    target_map: str = ""  # "all": targeted, the first image of each digit sent to every other digit (the grid)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,15 @@ def load_spec(path: str | Path) -> Spec:
         for key in a.params:
             if key not in accepted:
                 raise AdvmnistError(f"{path}: attack {a.method!r} takes no parameter {key!r}")
+        if a.target_map:
+            from ..validate import parse_target_map
+
+            try:
+                parse_target_map(a.target_map)
+            except AdvmnistError as exc:
+                raise SpecError(f"{path} [[attack]] {a.method!r}: target_map: {exc}") from None
+            if "targeted" not in accepted and not get_attack(a.method).always_targeted:
+                raise SpecError(f"{path} [[attack]] {a.method!r}: an untargeted attack takes no target_map")
         lists = {k: len(v) for k, v in a.params.items() if isinstance(v, list)}
         if lists and (set(lists.values()) != {lists.get("eps", -1)}):
             raise AdvmnistError(f"{path}: attack {a.method!r}: a list parameter needs an eps list of the same "
