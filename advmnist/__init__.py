@@ -8,10 +8,12 @@ from .errors import AdvmnistError  # noqa: E402
 # the CLI's --help, --version and shell completion never need it (PEP 562).
 _LAZY = {"MNIST": "data", "load_mnist": "data", "Recipe": "models", "create_model": "models",
          "list_models": "models", "register_model": "models", "robust_accuracy": "evaluation",
-         "load_module": "foreign", "load_model_file": "foreign"}
+         "load_module": "foreign", "load_model_file": "foreign",
+         "pretrained": "shipped", "list_pretrained": "shipped"}
 
 __all__ = ["MNIST", "load_mnist", "AdvmnistError", "Recipe", "create_model", "list_models",
-           "register_model", "robust_accuracy", "load_module", "load_model_file", "__version__"]
+           "register_model", "robust_accuracy", "load_module", "load_model_file", "pretrained", "list_pretrained",
+           "__version__"]
 
 
 def __getattr__(name: str):

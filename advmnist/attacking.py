@@ -168,7 +168,7 @@ def run_attack(run_dir: str | Path, data: MNIST, method: str, *, params: dict | 
             cells = {}
             for i, (s, t) in enumerate(zip(y.tolist(), target.tolist())):
                 cells.setdefault((s, s), {"image": x[i], "pred": clean_preds[i], "size": None})
-                cells.setdefault((s, t), {"image": x_adv[i], "pred": preds[i],
+                cells.setdefault((s, t), {"image": x_adv[i], "pred": preds[i], "unchanged": sizes[i] == 0,
                                           "size": pictures.size_text(size_norm, sizes[i])})
             pictures.target_grid(cells, folder / "grid.png",
                                  title=f"{ckpt['model']} / {method}: the first test image of each digit (rows) "

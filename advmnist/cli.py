@@ -96,7 +96,7 @@ trust_option = click.option("--trust-checkpoint", is_flag=True, expose_value=Fal
                                  "record.json holds (a replaced or damaged checkpoint).")
 
 
-# Shell completion (see the README): these read only the name lists and the file system. Choice options
+# Shell completion (see docs/setup.md): these read only the name lists and the file system. Choice options
 # (--method, --adv, --schedule, --ensemble, ...) complete their choices through click itself.
 
 def _complete_model(ctx, param, incomplete: str) -> list[CompletionItem]:
@@ -294,6 +294,30 @@ def _names(ctx, param, value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _pretrained_name(ctx, param, value):
+    """A shipped model's name, checked before anything heavy is imported."""
+    if value is None:
+        return value
+    from .shipped import PretrainedError, check_name
+
+    try:
+        return check_name(value)
+    except PretrainedError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _complete_pretrained(ctx, param, incomplete: str) -> list[CompletionItem]:
+    from .shipped import list_pretrained
+
+    return [CompletionItem(name) for name in list_pretrained() if name.startswith(incomplete)]
+
+
+pretrained_option = click.option("--pretrained", default=None, metavar="NAME", callback=_pretrained_name,
+                                 shell_complete=_complete_pretrained,
+                                 help="A model shipped with advmnist (`advmnist pretrained` lists them); its "
+                                      "run directory goes under --out.")
+
+
 def _foreign_options(command):
     """--module, --weights and --model-file: a model the zoo does not have (advmnist/foreign.py)."""
     for option in reversed([
@@ -307,15 +331,25 @@ def _foreign_options(command):
     return command
 
 
-def _check_foreign(run, model_name, module, weights, model_file) -> None:
+def _check_foreign(run, model_name, module, weights, model_file, pretrained=None) -> None:
     if weights is not None and module is None:
         raise AdvmnistError("--weights goes with --module FILE.py:FACTORY")
-    if (module is not None or model_file is not None) and (run is not None or model_name is not None):
-        raise AdvmnistError("give a run (--run/--model) or your own model (--module/--model-file), not both")
+    given = [flag for flag, value in (("--run", run), ("--model", model_name), ("--module", module),
+                                      ("--model-file", model_file), ("--pretrained", pretrained)) if value is not None]
+    if len(given) > 1:
+        raise AdvmnistError(f"{' and '.join(given)} each name a model: give one, not "
+                            f"{'both' if len(given) == 2 else 'all of them'}")
 
 
-def _pick_target(run, model_name, module, weights, model_file, out, data, device) -> Path:
-    """The run to work on: a new run directory for your own model, else --run, --model or the latest."""
+def _pick_target(run, model_name, module, weights, model_file, out, data, device, pretrained=None) -> Path:
+    """The run to work on: the shipped model's run directory, a new one for your own model, else --run,
+    --model or the latest."""
+    if pretrained is not None:
+        from .shipped import pretrained_run
+
+        run_dir = pretrained_run(pretrained, out)
+        click.echo(f"run: {run_dir}", err=True)
+        return run_dir
     if module is None and model_file is None:
         return _pick_run(run, model_name, out)
     from .evaluation import foreign_run
@@ -355,23 +389,27 @@ def _pick_target(run, model_name, module, weights, model_file, out, data, device
                    "is tighter and costs hundreds of forward passes).")
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="With --robust: also certified accuracy (IBP/CROWN lower bound), so the true value is an interval.")
+@click.option("--curve", callback=lambda ctx, param, value: _floats(ctx, param, value), default=None, metavar="EPS,...",
+              help="With --robust: also these eps, drawn with the curves of the minimum-norm attacks run on the "
+                   "same weights (eval/robust_curve.png).")
 @_foreign_options
+@pretrained_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @trust_option
 @out_option
 @data_dir_option
 def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, steps, restarts, queries, alone, limit,
-                 check_n, certify, bound, module, weights, model_file, device, out, data_dir) -> None:
+                 check_n, certify, bound, curve, module, weights, model_file, pretrained, device, out, data_dir) -> None:
     """Accuracy, per-class accuracy, confusion matrix, galleries and feature maps of a run, or of your
     own model (--module, --model-file); with --robust, the robust accuracy interval and masking checks."""
     from .devices import pick_device
 
     pick_device(device)  # before anything is loaded
-    _check_foreign(run, model_name, module, weights, model_file)
+    _check_foreign(run, model_name, module, weights, model_file, pretrained)
     from .evaluation import evaluate_run, robust_evaluate_run
 
     data = _load_data(data_dir)
-    run_dir = _pick_target(run, model_name, module, weights, model_file, out, data, device)
+    run_dir = _pick_target(run, model_name, module, weights, model_file, out, data, device, pretrained)
     if robust:
         rr = robust_evaluate_run(run_dir, data, eps=eps, norm=norm, ensemble=ensemble, attacks=attacks, steps=steps,
                                  restarts=restarts, queries=queries, limit=limit, check_n=check_n, alone=alone,
@@ -386,11 +424,45 @@ def evaluate_cmd(run, model_name, image, robust, eps, norm, ensemble, attacks, s
             click.echo(f"  [{'ok' if c['passed'] else 'FLAGGED'}] {c['check']}: {c['detail']}")
         for w in rr["warnings"]:
             click.echo(f"warning: {w}", err=True)
+        if curve:
+            from .evaluation import robust_curve_run
+
+            rc = robust_curve_run(run_dir, data, [*curve, eps], out=out, known=rr, norm=norm, limit=limit,
+                                  device=device, log=lambda line: click.echo(f"  {line}", err=True), ensemble=ensemble,
+                                  attacks=attacks, steps=steps, restarts=restarts, queries=queries, check_n=check_n,
+                                  certify=certify, bound=bound)
+            click.echo(_curve_table(rc))
+    elif curve:
+        raise AdvmnistError("--curve goes with --robust")
     rec = evaluate_run(run_dir, data, image_index=image, device=device)
     click.echo(f"{rec['model']}: test accuracy {rec['accuracy']:.2f}% on {rec['n']} images")
     click.echo("per digit: " + "  ".join(f"{d}:{a:.1f}" for d, a in enumerate(rec["per_class_accuracy"])))
     click.echo(f"wrote {run_dir / 'eval'}/ (record.json, confusion.png, samples.png, wrong.png, "
                f"feature_maps.png{', robust.json' if robust else ''})")
+
+
+def _curve_table(rc: dict) -> str:
+    """Ensemble points and the minimum-norm curves at the same eps; where a curve lies above the
+    ensemble it missed adversarial images the ensemble found."""
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    names = [c["attack"] for c in rc["minimum_norm"]]
+    lines = [f"robust accuracy against {rc['norm']} eps on the first {rc['n']} test images:",
+             "  " + f"{'eps':>6} {'certified %':>11} {'ensemble %':>10}" + "".join(f" {n[:28]:>28}" for n in names)]
+    for i, p in enumerate(rc["points"]):
+        cells = []
+        for c in rc["minimum_norm"]:
+            at = c["at"][i]
+            cells.append(f" {pct(at['robust_accuracy']) + (' (weaker)' if at['weaker_than_ensemble'] else ''):>28}")
+        lines.append(f"  {p['eps']:>6g} {pct(p['certified_accuracy']):>11} {pct(p['robust_accuracy']):>10}" + "".join(cells))
+    if not names:
+        lines.append("  (no minimum-norm attack run on these weights in this norm yet: e.g. advmnist attack "
+                     f"--method fmn --norm {rc['norm']} --run RUN)")
+    elif any(a["weaker_than_ensemble"] for c in rc["minimum_norm"] for a in c["at"]):
+        lines.append("  (weaker): the minimum-norm attack leaves more images than the ensemble there; trust the ensemble")
+    lines.append(f"  figure: {rc['run']}/eval/robust_curve.png")
+    return "\n".join(lines)
 
 
 def interval_line(rr: dict) -> str:
@@ -493,19 +565,20 @@ def _attack_options(command):
 @click.option("--target-map", type=T.TargetMap(), default="next", show_default=True,
               help="next, prev, all, or pairs like 0:3,1:7.")
 @click.option("--per-digit", type=T.POSITIVE_INT, default=None,
-              help="Attack the first N test images of each digit (penalty/gd default 1).")
+              help="Attack the first N test images of each digit (targeted attacks default 1).")
 @click.option("--limit", type=T.LIMIT, default=None,
               help="untargeted attacks: attack the first N test images (default 1000; 0: all).")
 @click.option("--seed", type=T.SEED_INT, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or mps.")
 @_foreign_options
+@pretrained_option
 @trust_option
 @out_option
 @data_dir_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--no-fast", is_flag=True, help="Plain autograd gradients instead of the fast path (to compare).")
 def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, limit, seed, device, module, weights,
-               model_file, out, data_dir, quiet, no_fast, **options) -> None:
+               model_file, pretrained, out, data_dir, quiet, no_fast, **options) -> None:
     """Attack a trained model in pixel space; write a record, per-digit PNGs, galleries and index.html.
 
     Each option below the first three belongs to the attacks named in its help: the keyword-only
@@ -520,9 +593,9 @@ def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, li
     from .devices import pick_device
 
     pick_device(device)  # before the data is loaded
-    _check_foreign(run, model_name, module, weights, model_file)
+    _check_foreign(run, model_name, module, weights, model_file, pretrained)
     data = _load_data(data_dir)
-    run_dir = _pick_target(run, model_name, module, weights, model_file, out, data, device)
+    run_dir = _pick_target(run, model_name, module, weights, model_file, out, data, device, pretrained)
     path = run_attack(run_dir, data, method, params=params, eps_list=eps, out=out, seed=seed,
                       per_digit=per_digit, limit=limit, target_map=target_map, targeted=targeted,
                       device=device, progress=not quiet and sys.stderr.isatty())
@@ -537,14 +610,88 @@ def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, li
 
 @main.command("leaderboard")
 @out_option
-def leaderboard_cmd(out) -> None:
+@click.option("--runs/--no-runs", "from_runs", default=True, show_default=True,
+              help="Read the robust evaluations under --out.")
+@click.option("--shipped", is_flag=True, help="Add the pretrained models shipped with advmnist.")
+@click.option("--literature", is_flag=True,
+              help="Add the literature's reported numbers (Linf eps 0.3), marked as reported with their source.")
+@click.option("--md", "md_path", type=click.Path(), default=None,
+              help="Write only this Markdown file, e.g. experiments/results/leaderboard.md.")
+def leaderboard_cmd(out, from_runs, shipped, literature, md_path) -> None:
     """Every robust evaluation under --out in one table per threat model and eps, most robust first;
     written as runs/attacks/leaderboard.md and leaderboard.html beside the attack gallery."""
-    from .leaderboard import write_leaderboard
+    from .leaderboard import gather, write_leaderboard, write_markdown
 
-    md, page, rows = write_leaderboard(out)
+    rows = gather(out, from_runs=from_runs, shipped=shipped, literature=literature)
+    if md_path is not None:
+        flags = ([] if from_runs else ["--no-runs"]) + (["--shipped"] if shipped else []) + \
+            (["--literature"] if literature else [])
+        command = " ".join(["advmnist leaderboard", *([f"--out {out}"] if from_runs else []), *flags, f"--md {md_path}"])
+        md = write_markdown(md_path, rows, command)
+        click.echo(md.read_text(), nl=False)
+        click.echo(f"wrote {md} ({len(rows)} row(s))")
+        return
+    md, page, rows = write_leaderboard(out, rows)
     click.echo(md.read_text(), nl=False)
     click.echo(f"wrote {md} and {page} ({len(rows)} evaluation(s))")
+
+
+def _pretrained_line(rec: dict) -> str:
+    ev = rec["evaluation"]
+    cert = (ev.get("certified") or {}).get("certified_accuracy")
+    flagged = "FLAGGED" if (ev.get("masking") or {}).get("flagged") else "ok"
+    training = rec["training"]
+    return (f"  {rec['name']:<14} {rec['model']:<14} {rec['clean_accuracy']:>7.2f} {ev['robust_accuracy']:>9.2f} "
+            f"{'-' if cert is None else f'{cert:.2f}':>11} {ev['n']:>7,}  {flagged:<8} "
+            f"{training.get('wall_time_s', 0):>7.0f} s on {rec['machine']}")
+
+
+@main.command("pretrained")
+@click.argument("name", required=False, callback=_pretrained_name, shell_complete=_complete_pretrained)
+def pretrained_cmd(name) -> None:
+    """The models shipped with advmnist and their numbers on all 10,000 test images; with NAME, its
+    whole record: how it was trained, its per-attack table and certified interval, how to use it."""
+    from .shipped import list_pretrained, pretrained_record
+
+    if name is None:
+        records = sorted((pretrained_record(n) for n in list_pretrained()),
+                         key=lambda r: (-r["evaluation"]["robust_accuracy"], -r["clean_accuracy"]))
+        eps = sorted({f"{r['evaluation']['norm']} eps {r['evaluation']['eps']:g}" for r in records})
+        click.echo(f"models shipped with advmnist: clean on all 10,000 test images; robust and certified at "
+                   f"{', '.join(eps)} on the first `images` (robust: worst case per image over the standard ensemble; "
+                   "certified: IBP/CROWN-IBP lower bound)")
+        click.echo(f"  {'name':<14} {'model':<14} {'clean %':>7} {'robust %':>9} {'certified %':>11} {'images':>7}  "
+                   f"{'masking':<8} trained in")
+        for rec in records:
+            click.echo(_pretrained_line(rec))
+        click.echo("use one: advmnist attack --pretrained NAME --method penalty; advmnist evaluate --robust "
+                   "--pretrained NAME; advmnist.pretrained(\"NAME\") in Python; advmnist pretrained NAME for its record")
+        return
+    rec = pretrained_record(name)
+    ev = rec["evaluation"]
+    training = rec["training"]
+    click.echo(f"{rec['name']}: {rec['summary']}")
+    click.echo(f"  model {rec['model']}, {rec['bytes'] / 1e6:.1f} MB ({rec['dtype']}), SHA-256 {rec['sha256'][:16]}, "
+               f"license: {rec['license']}")
+    click.echo(f"  trained by: {rec['command']}")
+    click.echo(f"  spec: {rec['spec']}")
+    click.echo(f"  on {rec['machine']} in {training.get('wall_time_s', 0):.0f} s, seed {training.get('seed')}, "
+               f"commit {rec['commit']['training']}")
+    subset = "" if ev["n"] == 10000 else " (a subset: the first of the 10,000)"
+    click.echo(f"clean accuracy {rec['clean_accuracy']:.2f}% on all 10,000 test images; robust accuracy "
+               f"{ev['robust_accuracy']:.2f}% at {ev['norm']} eps {ev['eps']:g} on {ev['n']:,} images{subset}, "
+               f"{(ev.get('settings') or {}).get('ensemble', '?')} ensemble (commit {rec['commit']['evaluation']})")
+    click.echo(robust_table(ev))
+    click.echo(interval_line(ev))
+    for c in ev.get("checks", []):
+        click.echo(f"  [{'ok' if c['passed'] else 'FLAGGED'}] {c['check']}: {c['detail']}")
+    if rec.get("note"):
+        click.echo(f"note: {rec['note']}")
+    check = rec["check"]
+    click.echo(f"slice check (the test suite repeats it): {check['robust_accuracy']:.2f}% under {check['attack']} "
+               f"{check['steps']} steps, {check['norm']} eps {check['eps']:g}, first {check['n']} test images")
+    click.echo(f"use it: advmnist attack --pretrained {name} --method penalty | advmnist evaluate --robust "
+               f"--pretrained {name} --limit 500 | advmnist.pretrained({name!r})")
 
 
 @main.group("experiment")
@@ -618,7 +765,33 @@ def _summary_table(rec) -> str:
         for d, s in rows:
             lines.append(f"{d:>5} {s.n:>5} {f(s.fooling_rate):>9} {f(s.robust_accuracy):>9} "
                          f"{f(s.l2.mean, '.2f'):>6} {f(s.linf.mean, '.3f'):>6} {f(s.confidence.mean, '.2f'):>5}")
+        if res.distance is not None:
+            lines += _distance_lines(res.distance, targeted=rec.selection.targeted)
     return "\n".join(lines)
+
+
+#: eps values at which the command line reads a minimum-norm attack's curve, per norm.
+CURVE_POINTS = {"l0": (5, 10, 20, 40), "l1": (2, 5, 10, 15), "l2": (0.5, 1.0, 1.5, 2.0, 2.5), "linf": (0.05, 0.1, 0.2, 0.3)}
+
+
+def _distance_lines(prof, targeted: bool) -> list[str]:
+    """The median distance and, untargeted, the robust accuracy it implies at a few eps."""
+    norm = prof.norm
+    unit = " pixels" if norm == "l0" else ""
+    if targeted:
+        reached = prof.n - prof.never_fooled
+        median = "-" if prof.median_fooled is None else f"{prof.median_fooled:.4g}{unit}"
+        return [f"median {norm.upper()} distance to its target: {median} over the {reached} of {prof.n} examples "
+                "that reached it"]
+    median = "none (more than half never fooled)" if prof.median is None else f"{prof.median:.4g}{unit}"
+    lines = [f"median {norm.upper()} distance to the nearest adversarial image found: {median} over {prof.n} "
+             f"examples ({prof.never_fooled} never fooled, counted as infinitely far)"]
+    if prof.n:
+        points = ", ".join(f"{e:g}: {100.0 * (sum(d > e for d in prof.sorted) + prof.never_fooled) / prof.n:.1f}%"
+                           for e in CURVE_POINTS.get(norm, ()))
+        lines.append(f"robust accuracy these distances imply at {norm.upper()} eps {points} (an upper bound: a "
+                     "stronger attack may find closer points)")
+    return lines
 
 
 if __name__ == "__main__":

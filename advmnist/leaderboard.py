@@ -6,11 +6,14 @@ runner caches (`RUN/attack-cache/robust-*.json`), for zoo runs and for models ev
 accuracy under its ensemble (worst case per image, the checks' attacks included), the certified lower
 bound, the masking verdict, the ensemble and budget, how many images, when and at which commit, and links
 to its record. Rows are sorted by robust accuracy; a row evaluated on fewer images than another says so
-in its `images` column, so a subset is never read as the full test set.
+in its `images` column, so a subset is never read as the full test set. On request it adds the pretrained
+models shipped with advmnist (their records' full-test-set evaluations) and the literature's reported
+numbers, each marked as reported with its source and how it was evaluated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +39,44 @@ class Row:
     budget: str
     date: str
     commit: str
-    record: Path  # the robust record this row was read from
+    record: Path | None  # the robust record this row was read from; None for a reported number
+    source: str = ""  # for a number reported in a paper: the paper
+    note: str = ""  # what a reader should know beside the number (e.g. an independent attack's check)
+
+
+#: Reported numbers, MNIST, Linf eps 0.3, full test set: attacked ones as AutoAttack (Croce & Hein 2020,
+#: "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks")
+#: measured them; certified ones as their papers verified them.
+LITERATURE = (
+    ("Gowal et al. 2020 (adversarial training at scale)", 99.26, 96.34, None, "AutoAttack, Croce & Hein 2020"),
+    ("Zhang et al. 2019 (TRADES, SmallCNN)", 99.48, 92.81, None, "AutoAttack, Croce & Hein 2020"),
+    ("Madry et al. 2018 (MNIST challenge, PGD-40)", 98.53, 88.50, None, "AutoAttack, Croce & Hein 2020"),
+    ("Wong et al. 2020 (FGSM with random start)", 98.50, 82.93, None, "AutoAttack, Croce & Hein 2020"),
+    ("Gowal et al. 2018 (IBP, large CNN)", 98.34, None, 91.95, "IBP-verified, Gowal et al. 2018"),
+    ("Zhang et al. 2020 (CROWN-IBP)", None, None, 93.32, "verified, Zhang et al. 2020 (ICLR)"),
+)
+
+
+def literature_rows() -> list[Row]:
+    return [Row(model=model, run="", norm="linf", eps=0.3, n=10000, clean=clean, robust=robust, certified=cert,
+                flagged=False, ensemble="reported", budget=how, date="", commit="", record=None, source=model)
+            for model, clean, robust, cert, how in LITERATURE]
+
+
+def shipped_rows() -> list[Row]:
+    """The pretrained models' own evaluations, as their records hold them."""
+    from .shipped import WEIGHTS, list_pretrained, pretrained_record
+
+    found = []
+    for name in list_pretrained():
+        rec = pretrained_record(name)
+        row = _row(WEIGHTS / f"{name}.json", rec["evaluation"])
+        if row is not None:
+            found.append(dataclasses.replace(row, model=f"{name} ({rec['model']}, pretrained)",
+                                             run=f"pretrained {name}",
+                                             commit=row.commit or str((rec.get("commit") or {}).get("evaluation") or ""),
+                                             note=str(rec.get("note") or "")))
+    return found
 
 
 def _row(path: Path, rec: dict) -> Row | None:
@@ -80,7 +120,11 @@ def tables(rows: list[Row]) -> dict[tuple[str, float], list[Row]]:
     grouped: dict[tuple[str, float], list[Row]] = {}
     for r in rows:
         grouped.setdefault((r.norm, r.eps), []).append(r)
-    return {k: sorted(v, key=lambda r: (-r.robust, -r.clean, r.model)) for k, v in sorted(grouped.items())}
+    def key(r: Row):
+        best = r.robust if r.robust is not None else r.certified
+        return (-(best or 0.0), -(r.clean or 0.0), r.model)
+
+    return {k: sorted(v, key=key) for k, v in sorted(grouped.items())}
 
 
 def _pct(v: float | None) -> str:
@@ -92,22 +136,42 @@ COLUMNS = ("model", "clean %", "robust %", "certified %", "masking", "ensemble",
 
 
 def _cells(r: Row) -> tuple[str, ...]:
+    if r.source:
+        return (f"{r.model}: reported", _pct(r.clean), _pct(r.robust), _pct(r.certified), "-", r.ensemble, r.budget,
+                str(r.n), "", "", "")
     return (r.model, _pct(r.clean), _pct(r.robust), _pct(r.certified), "FLAGGED" if r.flagged else "ok",
             r.ensemble, r.budget, str(r.n), r.date, r.commit, r.run)
 
 
-def markdown(rows: list[Row]) -> str:
-    """One Markdown table per threat model and eps."""
+def _linked(r: Row, cells: tuple[str, ...], base: Path | None) -> tuple[str, ...]:
+    """The run cell as a link to the row's record, relative to `base` (where the page is written)."""
+    if base is None or r.record is None:
+        return cells
+    import os
+
+    target = os.path.relpath(Path(r.record).resolve(), Path(base).resolve())
+    return (*cells[:-1], f"[{cells[-1]}]({Path(target).as_posix()})")
+
+
+def markdown(rows: list[Row], command: str | None = None, base: Path | None = None) -> str:
+    """One Markdown table per threat model and eps; `command`: the command line that wrote it; `base`:
+    the page's folder, to link each row to its record."""
     out = ["# Robust accuracy leaderboard", "",
-           "Read from every robust evaluation under the runs folder (`advmnist leaderboard`). Robust: worst case "
+           "Read from robust evaluation records (`advmnist leaderboard`). Robust: worst case "
            "per image over the ensemble and the masking checks' attacks; certified: IBP/CROWN lower bound; "
-           "`images`: how many test images (the first N) the row was evaluated on.", ""]
+           "`images`: how many test images (the first N) the row was evaluated on. A row marked `reported` "
+           "is a paper's number, not measured here: its `budget` column says who evaluated it and how.", ""]
+    if command:
+        out[2:2] = [f"Command: `{command}`.", ""]
     for (norm, eps), group in tables(rows).items():
         out += [f"## {norm} eps {eps:g}", "", "| " + " | ".join(COLUMNS) + " |",
                 "| " + " | ".join("---" if c in ("model", "masking", "ensemble", "budget", "date", "commit", "run")
                                   else "---:" for c in COLUMNS) + " |"]
-        out += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in group]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in _linked(r, _cells(r), base)) + " |" for r in group]
         out.append("")
+    notes = [f"- {r.model}: {r.note}" for r in rows if r.note]
+    if notes:
+        out += ["Notes:", "", *notes, ""]
     if not rows:
         out.append("No robust evaluation yet: run `advmnist evaluate --robust` first.")
     return "\n".join(out).rstrip("\n") + "\n"
@@ -123,6 +187,8 @@ def html_page(rows: list[Row], base: Path) -> str:
         for r in group:
             cells = [html.escape(c) for c in _cells(r)]
             try:
+                if r.record is None:
+                    raise ValueError
                 link = Path("..") / r.record.relative_to(base.parent)
                 cells[-1] = f'<a href="{html.escape(link.as_posix(), quote=True)}">{cells[-1]}</a>'
             except ValueError:
@@ -134,10 +200,26 @@ def html_page(rows: list[Row], base: Path) -> str:
     return "".join(parts)
 
 
-def write_leaderboard(root: str | Path) -> tuple[Path, Path, list[Row]]:
-    """Write `<root>/attacks/leaderboard.md` and `.html` from every robust record under `root`."""
+def gather(root: str | Path, *, from_runs: bool = True, shipped: bool = False, literature: bool = False
+           ) -> list[Row]:
+    """The rows: robust records under `root`, the shipped models' and the literature's, as asked."""
+    rows = collect(root) if from_runs else []
+    return rows + (shipped_rows() if shipped else []) + (literature_rows() if literature else [])
+
+
+def write_markdown(path: str | Path, rows: list[Row], command: str | None = None) -> Path:
+    path = Path(path)
+    runs.check_output_dir(path.parent)
+    with runs.atomic_path(path) as tmp:
+        tmp.write_text(markdown(rows, command, base=path.parent))
+    return path
+
+
+def write_leaderboard(root: str | Path, rows: list[Row] | None = None) -> tuple[Path, Path, list[Row]]:
+    """Write `<root>/attacks/leaderboard.md` and `.html` from `rows` (default: every robust record under
+    `root`)."""
     root = Path(root)
-    rows = collect(root)
+    rows = collect(root) if rows is None else rows
     folder = root / "attacks"
     runs.check_output_dir(folder)
     md = folder / f"{PAGE}.md"

@@ -190,8 +190,9 @@ def target_grid(cells: dict[tuple[int, int], dict], path: str | os.PathLike, tit
     """Source digit rows x target digit columns, as in Papernot et al. 2016 and Carlini & Wagner 2017.
 
     cells[(s, t)]: {"image", "pred", "size"} (size: text, or None on the diagonal, which holds the
-    clean image). Each cell is labelled with the model's prediction and the perturbation size; a
-    cell whose prediction is not its column's target is labelled in red.
+    clean image; "unchanged": the attack gave the image back untouched, having found nothing). Each
+    cell is labelled with the model's prediction and the perturbation size; a cell whose prediction is
+    not its column's target is labelled in red.
     """
     fig, axes = plt.subplots(10, 10, figsize=(11, 12.4), layout="constrained")
     for s in range(10):
@@ -202,8 +203,9 @@ def target_grid(cells: dict[tuple[int, int], dict], path: str | os.PathLike, tit
             cell = cells.get((s, t))
             if cell is not None:
                 ax.imshow(_img(cell["image"]), cmap="gray", vmin=0, vmax=1)
-                label = f"pred {cell['pred']}" + (f"\n{cell['size']}" if cell.get("size") else "\n(clean)")
                 missed = s != t and cell["pred"] != t
+                size = "not reached" if missed and cell.get("unchanged") else cell.get("size")
+                label = f"pred {cell['pred']}" + (f"\n{size}" if size else "\n(clean)")
                 ax.set_xlabel(label, fontsize=8, color="crimson" if missed else "black", labelpad=2)
             if s == 0:
                 ax.set_title(f"target {t}", fontsize=10)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and models", ("data", "models")),
     ("attacks", ("attacks",)),
     ("measures", ("measures", "execution", "robustness", "bounds", "exact")),
-    ("records", ("runs", "records", "foreign")),
+    ("records", ("runs", "records", "foreign", "shipped")),
     ("pictures", ("pictures",)),
     ("jobs", ("train", "attacking", "evaluation", "leaderboard")),
     ("experiments", ("experiments",)),

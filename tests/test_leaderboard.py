@@ -55,3 +55,21 @@ def test_command_writes_markdown_and_escaped_html_linked_to_records(tmp_path):
 def test_an_empty_folder_says_what_to_do(tmp_path):
     result = CliRunner().invoke(main, ["leaderboard", "--out", str(tmp_path / "runs")])
     assert result.exit_code == 0 and "run `advmnist evaluate --robust` first" in result.output
+
+
+def test_shipped_models_and_the_literature_are_added_on_request_and_marked(tmp_path):
+    from advmnist.shipped import list_pretrained
+
+    md = tmp_path / "board.md"
+    result = CliRunner().invoke(main, ["leaderboard", "--out", str(tmp_path / "none"), "--no-runs", "--shipped",
+                                       "--literature", "--md", str(md)])
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    for name in list_pretrained():
+        assert f"| {name} (" in text and f"pretrained {name}" in text
+    assert "| Madry et al. 2018 (MNIST challenge, PGD-40): reported | 98.53 | 88.50 |" in text
+    assert "| Gowal et al. 2018 (IBP, large CNN): reported | 98.34 | - | 91.95 |" in text
+    assert "AutoAttack, Croce & Hein 2020" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "reported" in line]
+    assert len(rows) == 6
+    assert not (tmp_path / "none").exists()  # --md writes only that file

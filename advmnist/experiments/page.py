@@ -101,6 +101,11 @@ def render(o: Outcome, figures: dict[str, str]) -> str:
         for i, row in enumerate(o.rows):
             cells = []
             for c in o.columns:
+                if c.norm is not None and _targeted_column(c):
+                    first = c.records[i][0].distance
+                    reached = first.n - first.never_fooled
+                    cells.append(f"{_fmt(first.median_fooled, '.3g')} ({reached}/{first.n})")
+                    continue
                 if c.norm is not None:
                     medians = [r.distance.median for r in c.records[i]]
                     cells.append("–" if None in medians else _fmt(statistics.fmean(medians), ".3g"))
@@ -113,7 +118,8 @@ def render(o: Outcome, figures: dict[str, str]) -> str:
             lines += ["", "A column headed *median* is a minimum-norm attack's: the median over the images of "
                       "the distance from each image to the nearest adversarial image the attack found (0 for an "
                       "image the model already gets wrong; an image it never fooled counts as infinitely far; "
-                      "L0 in pixels changed). Targeted: the distance to reach the target."]
+                      "L0 in pixels changed). A targeted column gives the median over the pairs that reached their "
+                      "target, and how many did (first seed)."]
         if "robustness" in figures:  # drawn only where an attack has an eps
             lines += ["", f"![robust accuracy against eps (eps 0: clean accuracy)]({figures['robustness']})", ""]
         if "distances" in figures:
@@ -131,10 +137,19 @@ def render(o: Outcome, figures: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _targeted_column(c) -> bool:
+    from ..attacks import get_attack
+
+    return bool(c.attack.target_map) or get_attack(c.attack.method).always_targeted
+
+
 def _column_header(c) -> str:
     if c.norm is None:
         return c.label
-    return f"{c.label}: median {'pixels' if c.norm == 'l0' else c.norm.upper()}"
+    unit = "pixels" if c.norm == "l0" else c.norm.upper()
+    if _targeted_column(c):
+        return f"{c.label}: median {unit} to the target (reached/pairs)"
+    return f"{c.label}: median {unit}"
 
 
 def robust_command(r: Robust) -> str:

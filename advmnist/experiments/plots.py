@@ -96,27 +96,39 @@ def _plot_robustness(o: Outcome, path: Path) -> bool:
 
 
 def _plot_distances(o: Outcome, path: Path) -> bool:
-    """One panel per untargeted minimum-norm column: the robust accuracy each variant's distances
-    imply (first seed). Returns whether a figure was written."""
-    cols = [c for c in o.columns if c.norm is not None and not (c.records and c.records[0][0].grid)
-            and not _targeted(c)]
+    """One panel per norm: the robust accuracy each untargeted minimum-norm column's distances imply, per
+    variant (first seed), with the standard ensemble's fixed-eps points where the robust section is in
+    that norm. Returns whether a figure was written."""
+    cols = [c for c in o.columns if c.norm is not None and not _targeted(c)]
     if not cols:
         return False
+    import math
+
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(cols), figsize=(6.4 * len(cols), 4.2), squeeze=False, layout="constrained")
-    for ax, c in zip(axes[0], cols):
-        for i, row in enumerate(o.rows):
-            prof = dataclasses.asdict(c.records[i][0].distance)
-            xs = [0.0] + prof["sorted"]
-            ys = [100.0 * (sum(d > x for d in prof["sorted"]) + prof["never_fooled"]) / prof["n"] for x in xs]
-            ax.step(xs, ys, where="post", label=f"{row.variant.label} (median {_median(prof)})",
-                    color=_line_style(i)["color"], linestyle=_line_style(i)["linestyle"])
-            if o.curve and o.spec.robust is not None and o.spec.robust.norm == c.norm:
-                recs = o.curve[i]
-                ax.plot([r.eps for r in recs], [r.robust_accuracy for r in recs], "o", ms=7,
-                        color=_line_style(i)["color"], label=f"{row.variant.label}: standard ensemble at fixed eps")
-        ax.set(xlabel=f"eps ({c.norm})", ylabel="robust accuracy (%)", title=c.label, ylim=(-2, 102))
+    norms = list(dict.fromkeys(c.norm for c in cols))
+    ncols = min(2, len(norms))
+    nrows = math.ceil(len(norms) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.4 * ncols, 4.4 * nrows), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(norms):]:
+        ax.set_visible(False)
+    for ax, norm in zip(axes.flat, norms):
+        k = 0
+        for c in (c for c in cols if c.norm == norm):
+            for i, row in enumerate(o.rows):
+                prof = dataclasses.asdict(c.records[i][0].distance)
+                xs = [0.0] + prof["sorted"]
+                ys = [100.0 * (sum(d > x for d in prof["sorted"]) + prof["never_fooled"]) / prof["n"] for x in xs]
+                who = c.label if len(o.rows) == 1 else f"{row.variant.label}, {c.label}"
+                ax.step(xs, ys, where="post", label=f"{who} (median {_median(prof)})", **_line_style(k), ms=0)
+                k += 1
+        if o.curve and o.spec.robust is not None and o.spec.robust.norm == norm:
+            for i, (row, recs) in enumerate(zip(o.rows, o.curve)):
+                who = "standard ensemble" if len(o.rows) == 1 else f"{row.variant.label}, standard ensemble"
+                ax.plot([r.eps for r in recs], [r.robust_accuracy for r in recs], "o", ms=8, color="black",
+                        label=f"{who} at fixed eps")
+        ax.set(xlabel=f"eps ({norm}{', pixels changed' if norm == 'l0' else ''})", ylabel="robust accuracy (%)",
+               title=f"{norm.upper()}: robust accuracy implied by each image's nearest adversarial", ylim=(-2, 102))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     pictures._save(fig, path)
@@ -148,6 +160,7 @@ def _draw_grids(o: Outcome, folder: Path) -> list[tuple[str, str]]:
             for k, (s, t) in enumerate(zip(grid["true"], grid["target"])):
                 cells.setdefault((s, s), {"image": saved["x"][k], "pred": grid["clean_pred"][k], "size": None})
                 cells[(s, t)] = {"image": saved["x_adv"][k], "pred": grid["adv_pred"][k],
+                                 "unchanged": grid["size"][k] == 0,
                                  "size": pictures.size_text(grid["norm"], grid["size"][k])}
             name = f"{o.spec.name}_grid_{j + 1}_{i + 1}.png"
             title = f"{row.variant.label} / {c.label}: each row's digit sent to every column's target"
