@@ -1,7 +1,7 @@
 """Bad input, faults and tampering: each case ends in one clear line (or a warning), and nothing already
 written is lost or left half-written.
 
-The thirteen cases, in the order of the README's "Guarantees" section:
+The thirteen cases, in the order of docs/guarantees.md:
 1 non-finite numbers, 2 a swapped checkpoint, 3 HTML injection into the attack gallery, 4 an output place
 that cannot be written, 5 a malformed record, 6 run-directory collisions, 7 SIGTERM during a save,
 8 byte-identical checkpoints, 9 out-of-range counts, 10 bad experiment specs, 11 unavailable devices,
