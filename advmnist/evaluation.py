@@ -187,9 +187,10 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
                         attacks: list[str] | None = None, steps: int | None = None, restarts: int | None = None,
                         queries: int | None = None, norm: str = "linf", limit: int | None = 1000,
                         check_n: int = 1000, alone: bool = False, certify: bool = True, bound: str = "auto",
-                        seed: int = 0, device: str = "cpu", log=lambda s: None) -> dict:
+                        seed: int = 0, device: str = "cpu", log=lambda s: None, write: bool = True) -> dict:
     """`robust_evaluate_model` on the first `limit` test images for a run's model, on `device`;
-    writes `run_dir/eval/robust.json`."""
+    writes `run_dir/eval/robust.json` (`write=False`: the caller keeps the record elsewhere, as the
+    experiment runner does in the run's attack-cache/, so an `evaluate --robust` record is not replaced)."""
     from .devices import pick_device
     from .foreign import load_run_model
     from .robustness import ensemble_stages
@@ -211,7 +212,8 @@ def robust_evaluate_run(run_dir: str | Path, data: MNIST, *, eps: float = 0.3, e
     record = {"kind": "robust-evaluate", "run": str(run_dir), "model": ckpt["model"],
               "checkpoint_sha256": ckpt["sha256"], "data_checksum": data.checksum, **body,
               "wall_time_s": round(time.perf_counter() - start, 1)}
-    runs.write_json(run_dir / "eval" / "robust.json", record)
+    if write:
+        runs.write_json(run_dir / "eval" / "robust.json", record)
     return record
 
 

@@ -161,6 +161,7 @@ def test_adversarial_spec_gets_a_worst_case_section(tmp_path, small):
     (run,) = (tmp_path / "runs").glob("strided-*")
     (cached,) = (run / "attack-cache").glob("robust-*.json")
     rec = json.loads(cached.read_text())
+    assert not (run / "eval" / "robust.json").exists()  # an `evaluate --robust` record there is never replaced
     assert rec["settings"] == {"eps": 0.1, "norm": "linf", "ensemble": "quick", "attacks": ["apgd-ce", "apgd-t", "square"],
                                "steps": 3, "restarts": None, "queries": 50, "alone": False, "n": 100, "check_n": 50,
                                "device": "cpu"}

@@ -314,7 +314,7 @@ def _robust_record(run: Path, data: MNIST, r: Robust, seed: int, log, device: st
         return robust_evaluate_run(run, data, eps=r.eps, ensemble=r.ensemble, attacks=list(r.attacks) or None,
                                    steps=r.steps, restarts=r.restarts, queries=r.queries, norm=r.norm,
                                    alone=r.alone, limit=r.limit or None, check_n=r.check_n, certify=r.certify,
-                                   seed=seed, device=device, log=lambda m: log(f"  {m}"))
+                                   seed=seed, device=device, log=lambda m: log(f"  {m}"), write=False)
 
     path = run / "attack-cache" / _robust_name(r, seed, data)
     rec = _cached(path, compute)
