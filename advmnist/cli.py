@@ -314,8 +314,8 @@ def _complete_pretrained(ctx, param, incomplete: str) -> list[CompletionItem]:
 
 pretrained_option = click.option("--pretrained", default=None, metavar="NAME", callback=_pretrained_name,
                                  shell_complete=_complete_pretrained,
-                                 help="A model shipped with advmnist (`advmnist pretrained` lists them); its "
-                                      "run directory goes under --out.")
+                                 help="A pretrained model by name (`advmnist pretrained` lists them; its weights must be "
+                                      "installed); its run directory goes under --out.")
 
 
 def _foreign_options(command):
@@ -612,7 +612,7 @@ def attack_cmd(method, run, model_name, eps, targeted, target_map, per_digit, li
 @out_option
 @click.option("--runs/--no-runs", "from_runs", default=True, show_default=True,
               help="Read the robust evaluations under --out.")
-@click.option("--shipped", is_flag=True, help="Add the pretrained models shipped with advmnist.")
+@click.option("--shipped", is_flag=True, help="Add the pretrained models' records (advmnist pretrained).")
 @click.option("--literature", is_flag=True,
               help="Add the literature's reported numbers (Linf eps 0.3), marked as reported with their source.")
 @click.option("--md", "md_path", type=click.Path(), default=None,
@@ -643,27 +643,30 @@ def _pretrained_line(rec: dict) -> str:
     training = rec["training"]
     return (f"  {rec['name']:<14} {rec['model']:<14} {rec['clean_accuracy']:>7.2f} {ev['robust_accuracy']:>9.2f} "
             f"{'-' if cert is None else f'{cert:.2f}':>11} {ev['n']:>7,}  {flagged:<8} "
-            f"{training.get('wall_time_s', 0):>7.0f} s on {rec['machine']}")
+            f"{'yes' if rec['installed'] else 'no':<9} {training.get('wall_time_s', 0):>7.0f} s on {rec['machine']}")
 
 
 @main.command("pretrained")
 @click.argument("name", required=False, callback=_pretrained_name, shell_complete=_complete_pretrained)
 def pretrained_cmd(name) -> None:
-    """The models shipped with advmnist and their numbers on all 10,000 test images; with NAME, its
-    whole record: how it was trained, its per-attack table and certified interval, how to use it."""
-    from .shipped import list_pretrained, pretrained_record
+    """The pretrained models, their numbers on all 10,000 test images and whether their weights are
+    installed; with NAME, its whole record: how it was trained, its per-attack table and certified interval, how to use it."""
+    from .shipped import ENV_VAR, installed, list_pretrained, pretrained_record, weights_dir
 
     if name is None:
-        records = sorted((pretrained_record(n) for n in list_pretrained()),
+        records = sorted(({**pretrained_record(n), "installed": installed(n)} for n in list_pretrained()),
                          key=lambda r: (-r["evaluation"]["robust_accuracy"], -r["clean_accuracy"]))
         eps = sorted({f"{r['evaluation']['norm']} eps {r['evaluation']['eps']:g}" for r in records})
-        click.echo(f"models shipped with advmnist: clean on all 10,000 test images; robust and certified at "
+        click.echo(f"pretrained models (their records ship with advmnist): clean on all 10,000 test images; robust and certified at "
                    f"{', '.join(eps)} on the first `images` (robust: worst case per image over the standard ensemble; "
                    "certified: IBP/CROWN-IBP lower bound)")
         click.echo(f"  {'name':<14} {'model':<14} {'clean %':>7} {'robust %':>9} {'certified %':>11} {'images':>7}  "
-                   f"{'masking':<8} trained in")
+                   f"{'masking':<8} {'weights':<9} trained in")
         for rec in records:
             click.echo(_pretrained_line(rec))
+        if not all(r["installed"] for r in records):
+            click.echo(f"weights: the records ship with advmnist, the checkpoints (build outputs) do not; put NAME.pt in "
+                       f"{weights_dir()} or point {ENV_VAR} at a folder holding them")
         click.echo("use one: advmnist attack --pretrained NAME --method penalty; advmnist evaluate --robust "
                    "--pretrained NAME; advmnist.pretrained(\"NAME\") in Python; advmnist pretrained NAME for its record")
         return
@@ -672,6 +675,7 @@ def pretrained_cmd(name) -> None:
     training = rec["training"]
     click.echo(f"{rec['name']}: {rec['summary']}")
     click.echo(f"  model {rec['model']}, {rec['bytes'] / 1e6:.1f} MB ({rec['dtype']}), SHA-256 {rec['sha256'][:16]}, "
+               f"weights {'installed' if installed(name) else 'not installed'} in {weights_dir()}, "
                f"license: {rec['license']}")
     click.echo(f"  trained by: {rec['command']}")
     click.echo(f"  spec: {rec['spec']}")

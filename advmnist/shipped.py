@@ -1,7 +1,9 @@
-"""Pretrained models shipped with advmnist, used by name with no training.
+"""Pretrained models by name: their records ship with advmnist, their weights are installed beside them.
 
-Each model NAME is two files under `advmnist/weights/`: `NAME.pt`, the checkpoint its training run
-wrote (byte for byte), and `NAME.json`, its record: what it is, the spec and command that trained it,
+Each model NAME is two files: `NAME.json` under `advmnist/weights/`, its record (a source, shipped),
+and `NAME.pt`, the checkpoint its training run wrote, byte for byte (a build output: not in the
+source tree; found in `$ADVMNIST_WEIGHTS` or beside the records, and refused unless its SHA-256 is
+the record's). The record holds: what it is, the spec and command that trained it,
 on which machine and at which commit, its clean accuracy on all 10,000 test images and its robust
 evaluation (the standard ensemble's per-attack table, the certified interval, the masking checks, on the number of
 images it names) and a small check
@@ -19,6 +21,7 @@ from pathlib import Path
 from .errors import AdvmnistError, CheckpointError
 
 WEIGHTS = Path(__file__).parent / "weights"
+ENV_VAR = "ADVMNIST_WEIGHTS"
 KIND = "pretrained"
 #: The slice check: APGD-CE at these settings on the first N test images, seeded, so the same weights
 #: give the same number; cheap enough for the test suite to repeat for every shipped model.
@@ -54,8 +57,20 @@ def pretrained_record(name: str) -> dict:
         raise PretrainedError(f"{path}: unreadable ({exc.__class__.__name__})") from None
 
 
+def weights_dir() -> Path:
+    """Where the checkpoints are looked for: $ADVMNIST_WEIGHTS, else beside the records."""
+    import os
+
+    return Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else WEIGHTS
+
+
 def checkpoint_path(name: str) -> Path:
-    return WEIGHTS / f"{check_name(name)}.pt"
+    return weights_dir() / f"{check_name(name)}.pt"
+
+
+def installed(name: str) -> bool:
+    """Whether the checkpoint of `name` is where `checkpoint_path` looks (its checksum is checked on use)."""
+    return checkpoint_path(name).is_file()
 
 
 def _verified_bytes(name: str) -> tuple[bytes, dict]:
@@ -64,6 +79,11 @@ def _verified_bytes(name: str) -> tuple[bytes, dict]:
 
     record = pretrained_record(name)
     path = checkpoint_path(name)
+    if not path.is_file():
+        raise PretrainedError(f"the weights of {name!r} are not installed: checkpoints are build outputs, not "
+                              f"part of advmnist's source; put {name}.pt (SHA-256 {str(record.get('sha256'))[:16]}) "
+                              f"in {path.parent} or point {ENV_VAR} at a folder holding it, or train it: "
+                              f"`{record.get('command')}` (`advmnist pretrained {name}` shows its record)")
     try:
         blob = path.read_bytes()
     except OSError as exc:
@@ -140,7 +160,8 @@ def clean_accuracy(model, data, device: str = "cpu") -> float:
 def ship(name: str, run_dir: str | Path, *, summary: str, command: str, spec: str, machine: str,
          license: str, eps: float, norm: str = "linf", check_eps: float | None = None,
          commit: str | None = None, note: str = "") -> dict:
-    """Copy a finished, evaluated run into `advmnist/weights/` as NAME.pt and NAME.json.
+    """Write a finished, evaluated run's record as `advmnist/weights/NAME.json` and its checkpoint as
+    NAME.pt in `weights_dir()`.
 
     The run must have its robust evaluation at `eps` on the first 1,000 test images or more (all 10,000,
     `evaluate --robust --limit 0`, for a number a page quotes); the record keeps how many, and every
@@ -176,7 +197,8 @@ def ship(name: str, run_dir: str | Path, *, summary: str, command: str, spec: st
                   "robust_accuracy": slice_check(model, data, eps=check_eps or eps, norm=norm)},
     }
     WEIGHTS.mkdir(exist_ok=True)
-    with runs.atomic_path(WEIGHTS / f"{name}.pt") as tmp:
+    weights_dir().mkdir(parents=True, exist_ok=True)
+    with runs.atomic_path(weights_dir() / f"{name}.pt") as tmp:
         tmp.write_bytes(blob)
     runs.write_json(WEIGHTS / f"{name}.json", record)
     return record
