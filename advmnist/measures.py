@@ -155,5 +155,7 @@ def distance_profile(per_example: dict, y: list[int], norm: str, targeted: bool 
 
 def robust_at(profile: dict, eps: float) -> float:
     """Robust accuracy (%) at `eps` implied by a distance profile: examples farther than eps, or never fooled."""
-    farther = sum(1 for d in profile["sorted"] if d > eps)
+    import bisect
+
+    farther = len(profile["sorted"]) - bisect.bisect_right(profile["sorted"], eps)
     return 100.0 * (farther + profile["never_fooled"]) / profile["n"] if profile["n"] else float("nan")

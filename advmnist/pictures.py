@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from .measures import robust_at
 from .runs import atomic_path, skip_file  # noqa: E402
 
 
@@ -225,9 +226,7 @@ def plot_distance_curve(curves: dict[str, dict], path: str | os.PathLike, title:
     top = 0.0
     for label, prof in curves.items():
         xs = [0.0] + list(prof["sorted"])
-        n = prof["n"] or 1
-        ys = [100.0 * (len(prof["sorted"]) - sum(1 for d in prof["sorted"] if d <= x) + prof["never_fooled"]) / n
-              for x in xs]
+        ys = [robust_at(prof, x) for x in xs]
         end = (max(xs) if xs else 1.0) * 1.1 or 1.0
         top = max(top, end)
         line, = ax.step(xs + [end], ys + [ys[-1]], where="post", label=label)

@@ -148,13 +148,10 @@ def slice_check(model, data, *, eps: float, norm: str = "linf", device: str = "c
 
 
 def clean_accuracy(model, data, device: str = "cpu") -> float:
-    """Accuracy (%) on all 10,000 test images."""
-    import torch
+    """Accuracy (%) on all 10,000 test images (`measures.evaluate`)."""
+    from .measures import evaluate
 
-    with torch.no_grad():
-        x, y = data.test_x.to(device), data.test_y.to(device)
-        hits = torch.cat([model(x[i:i + 2000]).argmax(1) == y[i:i + 2000] for i in range(0, len(y), 2000)])
-    return 100.0 * float(hits.float().mean())
+    return evaluate(model, data.test_x.to(device), data.test_y.to(device))["accuracy"]
 
 
 def ship(name: str, run_dir: str | Path, *, summary: str, command: str, spec: str, machine: str,

@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from .. import pictures
+from ..measures import robust_at
 from .outcome import Outcome
 
 
@@ -118,7 +119,7 @@ def _plot_distances(o: Outcome, path: Path) -> bool:
             for i, row in enumerate(o.rows):
                 prof = dataclasses.asdict(c.records[i][0].distance)
                 xs = [0.0] + prof["sorted"]
-                ys = [100.0 * (sum(d > x for d in prof["sorted"]) + prof["never_fooled"]) / prof["n"] for x in xs]
+                ys = [robust_at(prof, x) for x in xs]
                 who = c.label if len(o.rows) == 1 else f"{row.variant.label}, {c.label}"
                 ax.step(xs, ys, where="post", label=f"{who} (median {_median(prof)})", **_line_style(k), ms=0)
                 k += 1
