@@ -665,7 +665,7 @@ def pretrained_cmd(name) -> None:
         for rec in records:
             click.echo(_pretrained_line(rec))
         if not all(r["installed"] for r in records):
-            click.echo(f"weights: the records ship with advmnist, the checkpoints (build outputs) do not; put NAME.pt in "
+            click.echo(f"weights: some checkpoints are missing; reinstall advmnist, or put NAME.pt in "
                        f"{weights_dir()} or point {ENV_VAR} at a folder holding them")
         click.echo("use one: advmnist attack --pretrained NAME --method penalty; advmnist evaluate --robust "
                    "--pretrained NAME; advmnist.pretrained(\"NAME\") in Python; advmnist pretrained NAME for its record")
