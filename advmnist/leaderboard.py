@@ -42,6 +42,7 @@ class Row:
     record: Path | None  # the robust record this row was read from; None for a reported number
     source: str = ""  # for a number reported in a paper: the paper
     note: str = ""  # what a reader should know beside the number (e.g. an independent attack's check)
+    score: str = ""  # the score-based check's counts: found after the gradient attacks, recovered, left
 
 
 #: Reported numbers, MNIST, Linf eps 0.3, full test set: attacked ones as AutoAttack (Croce & Hein 2020,
@@ -79,6 +80,19 @@ def shipped_rows() -> list[Row]:
     return found
 
 
+def _score(rec: dict) -> str:
+    """How many images only the score-based attack broke, and of those how many gradient attacks from
+    more starts broke too (a gradient attack one start short) and how many stayed its alone."""
+    for check in rec.get("checks") or []:
+        counts = check.get("counts") or {}
+        if "score_based_only" in counts:
+            if counts.get("recovered_by_restarts") is None:
+                return f"score-based only: {counts['score_based_only']}"
+            return (f"score-based only: {counts['score_based_only']}, {counts['recovered_by_restarts']} recovered by "
+                    f"restarts, {counts['square_only']} left")
+    return ""
+
+
 def _row(path: Path, rec: dict) -> Row | None:
     settings = rec.get("settings") or {}
     if rec.get("robust_accuracy") is None or rec.get("clean_accuracy") is None:
@@ -96,7 +110,7 @@ def _row(path: Path, rec: dict) -> Row | None:
                clean=float(rec["clean_accuracy"]), robust=float(rec["robust_accuracy"]),
                certified=cert.get("certified_accuracy"), flagged=bool((rec.get("masking") or {}).get("flagged")),
                ensemble=str(settings.get("ensemble", "?")), budget=budget, date=str(prov.get("time", ""))[:10],
-               commit=str(prov.get("commit") or ""), record=path)
+               commit=str(prov.get("commit") or ""), record=path, score=_score(rec))
 
 
 def collect(root: str | Path) -> list[Row]:
@@ -139,7 +153,8 @@ def _cells(r: Row) -> tuple[str, ...]:
     if r.source:
         return (f"{r.model}: reported", _pct(r.clean), _pct(r.robust), _pct(r.certified), "-", r.ensemble, r.budget,
                 str(r.n), "", "", "")
-    return (r.model, _pct(r.clean), _pct(r.robust), _pct(r.certified), "FLAGGED" if r.flagged else "ok",
+    verdict = "FLAGGED" if r.flagged else "ok"
+    return (r.model, _pct(r.clean), _pct(r.robust), _pct(r.certified), f"{verdict} ({r.score})" if r.score else verdict,
             r.ensemble, r.budget, str(r.n), r.date, r.commit, r.run)
 
 

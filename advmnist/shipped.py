@@ -154,7 +154,7 @@ def clean_accuracy(model, data, device: str = "cpu") -> float:
 
 def ship(name: str, run_dir: str | Path, *, summary: str, command: str, spec: str, machine: str,
          license: str, eps: float, norm: str = "linf", check_eps: float | None = None,
-         commit: str | None = None, note: str = "") -> dict:
+         commit: str | None = None, note: str = "", robust_record: str | Path | None = None) -> dict:
     """Write a finished, evaluated run's record as `advmnist/weights/NAME.json` and its checkpoint as
     NAME.pt in `weights_dir()`.
 
@@ -162,13 +162,14 @@ def ship(name: str, run_dir: str | Path, *, summary: str, command: str, spec: st
     `evaluate --robust --limit 0`, for a number a page quotes); the record keeps how many, and every
     listing shows it. `check_eps`: the slice check's eps where
     `eps` would leave nothing to compare (a standard model is at 0% there). `commit`: the code's commit
-    where the runs' own provenance could not read it (run from an exported tree)."""
+    where the runs' own provenance could not read it (run from an exported tree). `robust_record`: the
+    evaluation to ship where it is not `RUN/eval/robust.json` (an experiment's, in `RUN/attack-cache/`)."""
     from . import runs
     from .data import load_mnist
 
     run_dir = Path(run_dir)
     training = runs.read_json(run_dir / runs.RECORD)
-    robust = runs.read_json(run_dir / "eval" / "robust.json")
+    robust = runs.read_json(Path(robust_record) if robust_record else run_dir / "eval" / "robust.json")
     if (robust.get("n") or 0) < 1000 or robust.get("eps") != eps or robust.get("norm") != norm:
         raise PretrainedError(f"{run_dir}: its robust evaluation is on {robust.get('n')} images at "
                               f"{robust.get('norm')} eps {robust.get('eps')}; ship one on 1,000 images or more at "

@@ -1,9 +1,10 @@
 """Copy finished, fully evaluated runs into advmnist/weights/ as the shipped pretrained models.
 
-    python benchmarks/make_pretrained.py [--commit SHA] NAME=RUN_DIR [NAME=RUN_DIR ...]
+    python benchmarks/make_pretrained.py [--commit SHA] NAME=RUN_DIR[@RECORD] [NAME=RUN_DIR[@RECORD] ...]
 
 Each RUN_DIR must hold its training record and its robust evaluation on all 10,000 test images
-(`advmnist evaluate --run RUN_DIR --robust --eps 0.3 --limit 0`). The name's entry below says how the
+(`advmnist evaluate --run RUN_DIR --robust --eps 0.3 --limit 0`), or RECORD must name that evaluation
+(an experiment's, `RUN_DIR/attack-cache/robust-*.json`). The name's entry below says how the
 run was made; `advmnist.shipped.ship` writes NAME.pt (the run's checkpoint, byte for byte) and NAME.json
 (the record, with the slice check the test suite repeats). `--commit`: the code's commit, for runs
 made from an exported tree whose records could not read it.
@@ -60,10 +61,12 @@ def main(argv: list[str]) -> None:
     if not argv:
         sys.exit(__doc__)
     for pair in argv:
-        name, _, run_dir = pair.partition("=")
+        name, _, where = pair.partition("=")
+        run_dir, _, robust = where.partition("@")
         if name not in SHIPPED or not run_dir:
-            sys.exit(f"give NAME=RUN_DIR with NAME one of {', '.join(SHIPPED)}")
-        record = ship(name, run_dir, license=LICENSE, eps=0.3, commit=commit, **SHIPPED[name])
+            sys.exit(f"give NAME=RUN_DIR[@RECORD] with NAME one of {', '.join(SHIPPED)}")
+        record = ship(name, run_dir, license=LICENSE, eps=0.3, commit=commit, robust_record=robust or None,
+                      **SHIPPED[name])
         ev = record["evaluation"]
         print(f"{name}: clean {record['clean_accuracy']:.2f}%, robust {ev['robust_accuracy']:.2f}% at eps 0.3 on "
               f"{ev['n']} images, slice check {record['check']['robust_accuracy']:.2f}%, {record['bytes']:,} bytes")

@@ -169,6 +169,12 @@ def test_adversarial_spec_gets_a_worst_case_section(tmp_path, small):
     assert "APGD-CE (3 steps)" in page and "APGD-T (3 steps x 3 targets)" in page and "Square (50 queries)" in page
     assert "advmnist evaluate --robust --eps 0.1 --ensemble quick --steps 3 --queries 50 --limit 100" in page
     assert page.count("passed: ") + page.count("**FLAGGED**: ") == len(rec["checks"]) == 5
+    (score,) = [c["counts"] for c in rec["checks"] if c.get("counts") and "score_based_only" in c["counts"]]
+    shown = (f"| {score['score_based_only']}: not attacked again, within the limit ({score['limit']}) |"
+             if score["recovered_by_restarts"] is None else
+             f"| {score['score_based_only']}: {score['recovered_by_restarts']} recovered, {score['square_only']} left "
+             f"({score['limit']}) |")
+    assert shown in page  # both counts, on the page's table
     after = [a["robust_accuracy_after"] for a in rec["per_attack"]]
     assert after == sorted(after, reverse=True) and after[-1] == rec["robust_accuracy"] <= rec["clean_accuracy"]
     train = json.loads((run / "record.json").read_text())

@@ -73,3 +73,13 @@ def test_shipped_models_and_the_literature_are_added_on_request_and_marked(tmp_p
     rows = [line for line in text.splitlines() if line.startswith("| ") and "reported" in line]
     assert len(rows) == 6
     assert not (tmp_path / "none").exists()  # --md writes only that file
+
+
+def test_the_masking_cell_shows_what_restarts_recovered(tmp_path):
+    path = _record(tmp_path, "d-run", "strided-wide", 0.3, 91.96)
+    rec = json.loads(path.read_text())
+    rec["checks"] = [{"check": "a score-based attack finds nothing the gradient attacks missed", "passed": True,
+                      "counts": {"score_based_only": 71, "limit": 50, "recovered_by_restarts": 25, "square_only": 46}}]
+    path.write_text(json.dumps(rec))
+    text = markdown(collect(tmp_path))
+    assert "| ok (score-based only: 71, 25 recovered by restarts, 46 left) |" in text
