@@ -30,7 +30,7 @@ from torch import nn
 GradFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> one loss per example
 
-SMALL_BATCH = 100  # below this, convolutions run without oneDNN
+SMALL_BATCH = 16  # below this, convolutions run without oneDNN
 MIN_CHANNELS = 10  # fewest output channels for which a first conv + pool is fused (`_ConvPool`)
 
 
@@ -299,8 +299,10 @@ def compile_grad(model: nn.Module, example: torch.Tensor, fuse: bool = True,
         return None
 
     def grad_fn(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # oneDNN's convolutions cost more than they save on small batches (measured: batch 10,
-        # improved-bn 3.4 -> 2.9 ms a step; batch 1000, 350 -> 400 ms), so they are used from 100 up.
+        # oneDNN's convolutions cost more than they save on the smallest batches (batch 10, improved-bn:
+        # 3.4 -> 2.9 ms a step), but PyTorch's own convolutions split work over threads from batch 16
+        # up and then cost 3-5x oneDNN's (2 threads, batch 20: strided 7.6 against 2.6 ms, strided-wide
+        # 11.5 against 2.8, improved-bn 5.3 against 3.7), so oneDNN is used from 16 up.
         with torch.backends.mkldnn.flags(enabled=len(x) >= SMALL_BATCH):
             saved: list = []
             logits = _forward(ops, x, saved)
