@@ -391,6 +391,11 @@ def _backward(ops: list[_Op], saved: list, g: torch.Tensor) -> torch.Tensor:
             g = g * op.a
         elif op.kind == "convpool":
             g = op.fused.backward(g, s)
+        elif op.kind == "conv" and op.w.shape[1] == 1:
+            # a one-channel input's gradient as a matrix product and col2im: about 3x faster than
+            # convolution_backward's (900 images, strided's first conv: 18.3 -> 6.0 ms, 2 threads)
+            cols = torch.matmul(op.w.flatten(1).t(), g.flatten(2))
+            g = F.fold(cols, tuple(s.shape[-2:]), tuple(op.w.shape[-2:]), padding=_pads(op.pad), stride=op.stride)
         elif op.kind == "conv":
             # the kernel autograd uses (oneDNN where enabled); conv_transpose2d takes a slower path
             g = torch.ops.aten.convolution_backward(
