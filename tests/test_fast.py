@@ -154,3 +154,24 @@ def test_keep_freed_memory_is_idempotent_and_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ADVMNIST_KEEP_MEMORY": "0"},
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("k,stride,pad,n", [(4, 2, 1, 30), (3, 1, 0, 30), (5, 2, 2, 7), (4, 3, 0, 30)])
+def test_one_channel_conv_gradient_by_fold_matches_autograd(k, stride, pad, n):
+    """The fast path takes a one-channel conv's input gradient as a matrix product and col2im
+    (`F.fold`), also where the stride leaves trailing input rows no output reads."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, k, stride=stride, padding=pad), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, stride=1, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(10))
+    x = torch.rand(n, 1, 28, 28)
+    y = torch.randint(0, 10, (n,))
+    model(x)
+    model.eval()
+    fast = compile_grad(model, x[:1])
+    assert fast is not None
+    with same_backend(x):
+        g_fast, logits = fast(x, y)
+        g_ref, _ = input_grad(model, x, y)
+    assert torch.allclose(logits, model(x), atol=1e-5)
+    assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)
