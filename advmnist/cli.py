@@ -657,7 +657,7 @@ def pretrained_cmd(name) -> None:
         records = sorted(({**pretrained_record(n), "installed": installed(n)} for n in list_pretrained()),
                          key=lambda r: (-r["evaluation"]["robust_accuracy"], -r["clean_accuracy"]))
         eps = sorted({f"{r['evaluation']['norm']} eps {r['evaluation']['eps']:g}" for r in records})
-        click.echo(f"pretrained models, weights and records shipped with advmnist: clean on all 10,000 test images; robust and certified at "
+        click.echo(f"pretrained models (their records ship with advmnist): clean on all 10,000 test images; robust and certified at "
                    f"{', '.join(eps)} on the first `images` (robust: worst case per image over the standard ensemble; "
                    "certified: IBP/CROWN-IBP lower bound)")
         click.echo(f"  {'name':<14} {'model':<14} {'clean %':>7} {'robust %':>9} {'certified %':>11} {'images':>7}  "
@@ -665,7 +665,7 @@ def pretrained_cmd(name) -> None:
         for rec in records:
             click.echo(_pretrained_line(rec))
         if not all(r["installed"] for r in records):
-            click.echo(f"weights: some checkpoints are missing; reinstall advmnist, or put NAME.pt in "
+            click.echo(f"weights: the records ship with advmnist, the checkpoints (build outputs) do not; put NAME.pt in "
                        f"{weights_dir()} or point {ENV_VAR} at a folder holding them")
         click.echo("use one: advmnist attack --pretrained NAME --method penalty; advmnist evaluate --robust "
                    "--pretrained NAME; advmnist.pretrained(\"NAME\") in Python; advmnist pretrained NAME for its record")

@@ -1,8 +1,9 @@
-"""Pretrained models by name: their weights and records ship with advmnist.
+"""Pretrained models by name: their records ship with advmnist, their weights are installed beside them.
 
-Each model NAME is two files under `advmnist/weights/`: `NAME.json`, its record, and `NAME.pt`, the
-checkpoint its training run wrote, byte for byte (taken from `$ADVMNIST_WEIGHTS` instead where that
-is set, and refused unless its SHA-256 is the record's). The record holds: what it is, the spec and command that trained it,
+Each model NAME is two files: `NAME.json` under `advmnist/weights/`, its record (a source, shipped),
+and `NAME.pt`, the checkpoint its training run wrote, byte for byte (a build output: not in the
+source tree; found in `$ADVMNIST_WEIGHTS` or beside the records, and refused unless its SHA-256 is
+the record's). The record holds: what it is, the spec and command that trained it,
 on which machine and at which commit, its clean accuracy on all 10,000 test images and its robust
 evaluation (the standard ensemble's per-attack table, the certified interval, the masking checks, on the number of
 images it names) and a small check
@@ -79,7 +80,8 @@ def _verified_bytes(name: str) -> tuple[bytes, dict]:
     record = pretrained_record(name)
     path = checkpoint_path(name)
     if not path.is_file():
-        raise PretrainedError(f"the weights of {name!r} are not installed: put {name}.pt (SHA-256 {str(record.get('sha256'))[:16]}) "
+        raise PretrainedError(f"the weights of {name!r} are not installed: checkpoints are build outputs, not "
+                              f"part of advmnist's source; put {name}.pt (SHA-256 {str(record.get('sha256'))[:16]}) "
                               f"in {path.parent} or point {ENV_VAR} at a folder holding it, or train it: "
                               f"`{record.get('command')}` (`advmnist pretrained {name}` shows its record)")
     try:
