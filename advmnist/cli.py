@@ -294,16 +294,21 @@ def _names(ctx, param, value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _checked(check, value):
+    """`check(value)`, its AdvmnistError turned into click's one-line usage error; None passes."""
+    if value is None:
+        return None
+    try:
+        return check(value)
+    except AdvmnistError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _pretrained_name(ctx, param, value):
     """A shipped model's name, checked before anything heavy is imported."""
-    if value is None:
-        return value
-    from .shipped import PretrainedError, check_name
+    from .shipped import check_name
 
-    try:
-        return check_name(value)
-    except PretrainedError as exc:
-        raise click.BadParameter(str(exc)) from None
+    return _checked(check_name, value)
 
 
 def _complete_pretrained(ctx, param, incomplete: str) -> list[CompletionItem]:
@@ -498,14 +503,9 @@ def robust_table(rr: dict) -> str:
 
 def _floats(ctx, param, value):
     """An eps list: one or more finite numbers >= 0 separated by commas (advmnist.validate)."""
-    if value is None:
-        return None
     from .validate import parse_eps_list
 
-    try:
-        return parse_eps_list(value)
-    except AdvmnistError as exc:
-        raise click.BadParameter(str(exc)) from None
+    return _checked(parse_eps_list, value)
 
 
 _OWN_OPTIONS = ("eps", "targeted", "fast")  # options of their own: an eps list, --targeted, --no-fast
