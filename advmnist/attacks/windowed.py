@@ -3,14 +3,18 @@
 Square's candidates change a window of a few pixels, the same window for every image of a query,
 and most of its 5,000 queries use windows of 1 to 3 pixels. A convolution's output changes only
 where its receptive field meets the window, so each layer is recomputed only on the rows and columns
-the window reaches, from the cached activations of the current images; the first fully connected
-layer adds W[:, window] times the change of its input instead of multiplying its whole input. On
-`strided` a 2x2 window touches 3x3 of conv2's 7x7 outputs: about a sixth of the multiplies of a
-forward pass.
+the window reaches, from the cached activations of the current images. A convolution is linear: where
+the changed region of its input is smaller than its kernel, its new outputs are the cached ones plus
+the change times a matrix that maps that region to the outputs it reaches (built once per shape of
+window, from the weights), one matrix product instead of a convolution over the whole patch, about
+a quarter of the multiplies. The first fully connected layer likewise adds W[:, window] times the
+change of its input instead of multiplying its whole input. On `strided` a 2x2 window touches 3x3
+of conv2's 7x7 outputs.
 
-The fully connected update accumulates rounding over accepted changes, so its output is recomputed
-whole every `REFRESH` accepts and whenever a window reaches the whole map; callers confirm a result
-they rely on (an example broken) with the model's own forward pass.
+These updates accumulate rounding over accepted changes, so every cached activation is recomputed
+from the current images every `REFRESH` accepts (and the dense output whenever a window reaches the
+whole map); callers confirm a result they rely on (an example broken) with the model's own forward
+pass.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from torch import nn
 
 from .fast import _DROPOUT, _flat_layers
 
-REFRESH = 100  # accepted updates between exact recomputations of the first dense layer
+REFRESH = 100  # accepted updates between exact recomputations of the cached activations
 
 
 def _pointwise(m: nn.Module) -> bool:
@@ -61,6 +65,24 @@ def _span(lo: int, hi: int, size_in: int, size_out: int, k: int, s: int, p: int)
     return o_lo, o_hi, o_lo * s - p, (o_hi - 1) * s - p + k
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) as (N, H * W * C), in the channels-last order the caches are stored in."""
+    return t.permute(0, 2, 3, 1).reshape(len(t), -1)
+
+
+def _change_map(weight: torch.Tensor, rows: int, cols: int, top: int, left: int, out_rows: int, out_cols: int,
+                stride: tuple[int, int]) -> torch.Tensor:
+    """(rows * cols * C_in, out_rows * out_cols * C_out), channels last: what a change of the input
+    on a rows x cols region adds to the outputs that read it, the region starting `top`, `left` into
+    the input span of the first of those outputs. The conv (no bias) of one-hot inputs."""
+    c_in, (kh, kw) = weight.shape[1], weight.shape[-2:]
+    k = c_in * rows * cols
+    basis = weight.new_zeros(k, c_in, (out_rows - 1) * stride[0] + kh, (out_cols - 1) * stride[1] + kw)
+    eye = torch.eye(k, dtype=weight.dtype, device=weight.device).view(k, rows, cols, c_in)
+    basis[:, :, top:top + rows, left:left + cols] = eye.permute(0, 3, 1, 2)
+    return _flat(F.conv2d(basis, weight, stride=stride))
+
+
 class WindowedLogits:
     """Cached activations of a batch, and the logits of that batch changed inside one window.
 
@@ -76,6 +98,7 @@ class WindowedLogits:
         self.acts: list[torch.Tensor] = []
         self.z: torch.Tensor | None = None
         self.accepted = 0
+        self.maps: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def build(cls, model: nn.Module, example: torch.Tensor) -> WindowedLogits | None:
@@ -106,11 +129,14 @@ class WindowedLogits:
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            self.acts = [_cl(x.clone())]
-            for m, _ in self.spatial:
-                self.acts.append(_cl(m(self.acts[-1])))
-            self.z = self._dense(self.acts[-1])
+            self._compute(_cl(x.clone()))
             return self._tail(self.z if self.w is not None else self.acts[-1].flatten(1))
+
+    def _compute(self, x: torch.Tensor) -> None:
+        self.acts = [x]
+        for m, _ in self.spatial:
+            self.acts.append(_cl(m(self.acts[-1])))
+        self.z = self._dense(self.acts[-1])
 
     def _dense(self, last: torch.Tensor) -> torch.Tensor | None:
         return None if self.w is None else F.linear(last.flatten(1), self.w, self.b)
@@ -127,11 +153,15 @@ class WindowedLogits:
         with torch.no_grad():
             region = (row, row + patch.shape[-2], col, col + patch.shape[-1])
             new, parts = patch, [(region, patch)]
-            for (m, geometry), a_in, a_out in zip(self.spatial, self.acts, self.acts[1:]):
+            for layer, ((m, geometry), a_in, a_out) in enumerate(zip(self.spatial, self.acts, self.acts[1:])):
                 if geometry is None:
                     new = m(new)
                 else:
-                    region, new = self._local(m, geometry, a_in, a_out.shape[-2:], region, new)
+                    changed = self._conv_change(layer, m, geometry, a_in, a_out, region, new)
+                    region, new = changed or self._local(m, geometry, a_in, a_out.shape[-2:], region, new)
+                    if new is None:  # no output of this layer reads the change: the logits stay
+                        unchanged = self.z if self.w is not None else self.acts[-1].flatten(1)
+                        return self._tail(unchanged), (parts, self.z, False)
                 parts.append((region, new))
             last = self.acts[-1]
             r0, r1, c0, c1 = region
@@ -142,8 +172,10 @@ class WindowedLogits:
             if whole:
                 z = self._dense(new)
             else:
-                w = self.w.view(len(self.w), *last.shape[1:])[:, :, r0:r1, c0:c1]
-                z = self.z + (new - last[:, :, r0:r1, c0:c1]).flatten(1) @ w.reshape(len(w), -1).t()
+                if region not in self.maps:
+                    w = self.w.view(len(self.w), *last.shape[1:])[:, :, r0:r1, c0:c1]
+                    self.maps[region] = _flat(w).t().contiguous()
+                z = torch.addmm(self.z, _flat(new - last[:, :, r0:r1, c0:c1]), self.maps[region])
             return self._tail(z), (parts, z, whole)
 
     @staticmethod
@@ -153,6 +185,27 @@ class WindowedLogits:
         out[:, :, r0:r1, c0:c1] = values
         return out
 
+    def _conv_change(self, layer: int, m: nn.Conv2d, geometry, a_in: torch.Tensor, a_out: torch.Tensor, region,
+                     new: torch.Tensor):
+        """The conv's outputs that `new` (its input on `region`) reaches: cached outputs plus the
+        change of the input times the matrix of this window's shape. None where a convolution over
+        the patch is cheaper (a region as large as the kernel) or the region reaches inputs that no
+        output reads (kernel smaller than stride, or cut off at the border)."""
+        (kh, kw), (sh, sw), (ph, pw) = geometry
+        r0, r1, c0, c1 = region
+        if not isinstance(m, nn.Conv2d) or (r1 - r0) * (c1 - c0) >= kh * kw:
+            return None
+        o_r0, o_r1, i_r0, i_r1 = _span(r0, r1, a_in.shape[-2], a_out.shape[-2], kh, sh, ph)
+        o_c0, o_c1, i_c0, i_c1 = _span(c0, c1, a_in.shape[-1], a_out.shape[-1], kw, sw, pw)
+        if not (i_r0 <= r0 and r1 <= i_r1 and i_c0 <= c0 and c1 <= i_c1 and o_r0 < o_r1 and o_c0 < o_c1):
+            return None
+        key = (layer, r1 - r0, c1 - c0, r0 - i_r0, c0 - i_c0, o_r1 - o_r0, o_c1 - o_c0)
+        if key not in self.maps:
+            self.maps[key] = _change_map(m.weight, *key[1:], (sh, sw))
+        change = _flat(new - a_in[:, :, r0:r1, c0:c1]) @ self.maps[key]
+        out = a_out[:, :, o_r0:o_r1, o_c0:o_c1] + change.view(len(new), *key[-2:], -1).permute(0, 3, 1, 2)
+        return (o_r0, o_r1, o_c0, o_c1), out
+
     @staticmethod
     def _local(m: nn.Module, geometry, a_in: torch.Tensor, out_hw, region, new: torch.Tensor):
         (kh, kw), (sh, sw), (ph, pw) = geometry
@@ -160,6 +213,8 @@ class WindowedLogits:
         r0, r1, c0, c1 = region
         o_r0, o_r1, i_r0, i_r1 = _span(r0, r1, h, out_hw[0], kh, sh, ph)
         o_c0, o_c1, i_c0, i_c1 = _span(c0, c1, w, out_hw[1], kw, sw, pw)
+        if o_r0 >= o_r1 or o_c0 >= o_c1:
+            return region, None
         a, b, c, d = max(i_r0, 0), min(i_r1, h), max(i_c0, 0), min(i_c1, w)
         patch = a_in[:, :, a:b, c:d].clone(memory_format=torch.channels_last)
         ra, rb, ca, cb = max(r0, a), min(r1, b), max(c0, c), min(c1, d)
@@ -187,8 +242,10 @@ class WindowedLogits:
         if self.w is not None:
             self.z.index_copy_(0, idx, z.index_select(0, idx))
             self.accepted += not whole
-            if not whole and self.accepted % REFRESH == 0:
-                self.z = self._dense(self.acts[-1])
+        else:
+            self.accepted += 1
+        if self.accepted and self.accepted % REFRESH == 0:
+            self._compute(self.acts[0])
 
     def keep(self, mask: torch.Tensor) -> None:
         self.acts = [a[mask] for a in self.acts]
