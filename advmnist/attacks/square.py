@@ -110,7 +110,8 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
                 s = min(max(int(round(math.sqrt(p * h * w))), 1), h - 1)
                 vh, vw = _randint(h - s + 1, generator), _randint(w - s + 1, generator)
                 win = (slice(None), slice(None), slice(vh, vh + s), slice(vw, vw + s))
-                patch = torch.clamp(xb[win] + 2 * eps * _signs((len(xs), c, 1, 1), generator, x), lo[win], hi[win])
+                # every pixel of xb sits at lo or hi, so a move of 2 eps along a sign lands on one of them
+                patch = torch.where(_signs((len(xs), c, 1, 1), generator, x) > 0, hi[win], lo[win])
                 if windowed is None and fast and on_cpu and s * s * WINDOWED_SHARE <= h * w:
                     windowed = WindowedLogits.build(model, x[:1]) or False
                     if windowed:
