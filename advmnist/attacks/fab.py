@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -46,11 +45,9 @@ def project_onto_hyperplane(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, n
     else:
         a = w * w
         r = torch.where(a > 0, room / w.abs().clamp_min(1e-30), torch.zeros_like(room))
-    if r.device.type == "cpu":  # numpy's vectorised argsort: about 1.6x torch.sort on rows of 784 here
-        order = torch.from_numpy(np.argsort(r.numpy(), axis=1))
-        r_sorted = r.gather(1, order)
-    else:
-        r_sorted, order = r.sort(1)
+    # tied rooms give the same breakpoints in any order; torch's sort, on 1,840 rows of MNIST rooms
+    # (2 threads): 16.7 ms clean, 26.3 with noise, against numpy's argsort's 65.1 and 27.6
+    r_sorted, order = r.sort(1)
     a_sorted = a.gather(1, order)
     a_below = a_sorted.cumsum(1)
     ar_below = (a_sorted * r_sorted).cumsum(1)
