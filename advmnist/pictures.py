@@ -68,42 +68,68 @@ def plot_confusion(confusion: Sequence[Sequence[int]], path: str | os.PathLike, 
     _save(fig, path)
 
 
+def _tiles(maps: Sequence[np.ndarray], columns: int, gap: int, band: int = 0) -> tuple[np.ndarray, int, int]:
+    """Equal-sized maps on one canvas, `columns` a row, `gap` pixels apart and `band` pixels of room
+    above each for its caption; NaN (drawn blank) in between. One image on one axes draws in a
+    fraction of the time of a grid of axes (81 of them took 2.4 s)."""
+    h, w = maps[0].shape
+    rows = (len(maps) + columns - 1) // columns
+    cell_h, cell_w = h + gap + band, w + gap
+    canvas = np.full((rows * cell_h, columns * cell_w - gap), np.nan)
+    for k, m in enumerate(maps):
+        r, c = divmod(k, columns)
+        canvas[r * cell_h + band:r * cell_h + band + h, c * cell_w:c * cell_w + w] = m
+    return canvas, cell_h, cell_w
+
+
 def prediction_gallery(images: torch.Tensor, labels: Sequence[int], preds: Sequence[int],
                        confidences: Sequence[float], path: str | os.PathLike, title: str = "",
                        columns: int = 8) -> None:
-    """A grid of images titled 'true -> predicted (confidence)'; wrong ones in red."""
+    """A grid of images captioned 'true -> predicted (confidence)'; wrong ones in red."""
     n = len(images)
     if n == 0:
         return
-    rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.85 * rows + 0.4), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k >= n:
-            continue
-        ax.imshow(_img(images[k]), cmap="gray", vmin=0, vmax=1)
+    columns = min(columns, n)
+    band = 9
+    canvas, cell_h, cell_w = _tiles([_img(t) for t in images], columns, gap=6, band=band)
+    width = 1.6 * columns
+    fig = plt.figure(figsize=(width, width * canvas.shape[0] / canvas.shape[1]))
+    ax = fig.add_axes((0, 0, 1, 1))
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    ax.imshow(canvas, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    for k in range(n):
+        r, c = divmod(k, columns)
         ok = labels[k] == preds[k]
-        ax.set_title(f"{labels[k]} -> {preds[k]} ({confidences[k]:.0%})", fontsize=8,
-                     color="black" if ok else "crimson")
+        ax.text(c * cell_w + 13.5, r * cell_h + band - 1.5, f"{labels[k]} -> {preds[k]} ({confidences[k]:.0%})",
+                ha="center", va="bottom", fontsize=8, color="black" if ok else "crimson")
     if title:
-        fig.suptitle(title)
+        ax.set_title(title, fontsize=12, pad=4)
     _save(fig, path)
 
 
 def feature_maps(maps: dict[str, torch.Tensor], image: torch.Tensor, path: str | os.PathLike,
                  title: str = "", max_maps: int = 32) -> None:
-    """The input image and, per conv layer, up to `max_maps` of its output channels."""
+    """The input image and, per conv layer, up to `max_maps` of its output channels, each channel
+    scaled to its own range."""
     rows = 1 + len(maps)
     cols = min(max_maps, max([m.shape[0] for m in maps.values()] + [1]))
     cols = max(cols, 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 1.5, 1.05 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, 1, figsize=(0.9 * cols + 1.5, 1.05 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    axes[0, 0].imshow(_img(image), cmap="gray", vmin=0, vmax=1)
-    axes[0, 0].set_title("input", fontsize=8)
+    first = axes[0, 0]
+    first.imshow(_img(image), cmap="gray", vmin=0, vmax=1, extent=(-0.5, 27.5, 27.5, -0.5))
+    first.set_xlim(-0.5, cols * 28 * 1.15 - 0.5)  # the input at the size of one map below
+    first.set_title("input", fontsize=8, loc="left")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
     for r, (name, fm) in enumerate(maps.items(), start=1):
-        for c in range(min(cols, fm.shape[0])):
-            axes[r, c].imshow(fm[c].detach().cpu().numpy(), cmap="viridis")
+        chosen = fm[:cols].detach().float().cpu().numpy()
+        low = chosen.min(axis=(1, 2), keepdims=True)
+        span = chosen.max(axis=(1, 2), keepdims=True) - low
+        scaled = np.where(span > 0, (chosen - low) / np.where(span > 0, span, 1), 0.0)
+        canvas, _, _ = _tiles(list(scaled), cols, gap=max(1, round(fm.shape[-1] * 0.15)))
+        axes[r, 0].imshow(canvas, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         axes[r, 0].set_title(f"{name} {tuple(fm.shape)}", fontsize=8, loc="left")
     if title:
         fig.suptitle(title)
