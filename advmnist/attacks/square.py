@@ -116,6 +116,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
                     windowed = WindowedLogits.build(model, x[:1]) or False
                     if windowed:
                         windowed.start(xb)
+                        xb = windowed.images  # accepting a proposal updates the current images too
                 if windowed:
                     logits, proposal = windowed.propose(patch, vh, vw)
                 else:
@@ -126,7 +127,8 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
                 better = (mc < mb) & (mb > 0)
                 if windowed:
                     windowed.accept(proposal, better)
-                xb[win] = torch.where(better.view(-1, 1, 1, 1), patch, xb[win])
+                else:
+                    xb[win] = torch.where(better.view(-1, 1, 1, 1), patch, xb[win])
             else:
                 cand = _l2_step(xs, xb, eps, p, generator)
                 mc = margin(f(cand), ys)
@@ -148,6 +150,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
                     lo, hi = lo[keep], hi[keep]
                 if windowed:
                     windowed.keep(keep)
+                    xb = windowed.images
         out[idx] = xb
     return out.detach()
 

@@ -132,6 +132,11 @@ class WindowedLogits:
             self._compute(_cl(x.clone()))
             return self._tail(self.z if self.w is not None else self.acts[-1].flatten(1))
 
+    @property
+    def images(self) -> torch.Tensor:
+        """The current images: the batch given to `start`, with every accepted proposal written in."""
+        return self.acts[0]
+
     def _compute(self, x: torch.Tensor) -> None:
         self.acts = [x]
         for m, _ in self.spatial:
@@ -189,11 +194,11 @@ class WindowedLogits:
                      new: torch.Tensor):
         """The conv's outputs that `new` (its input on `region`) reaches: cached outputs plus the
         change of the input times the matrix of this window's shape. None where a convolution over
-        the patch is cheaper (a region as large as the kernel) or the region reaches inputs that no
+        the patch is cheaper (a region larger than the kernel) or the region reaches inputs that no
         output reads (kernel smaller than stride, or cut off at the border)."""
         (kh, kw), (sh, sw), (ph, pw) = geometry
         r0, r1, c0, c1 = region
-        if not isinstance(m, nn.Conv2d) or (r1 - r0) * (c1 - c0) >= kh * kw:
+        if not isinstance(m, nn.Conv2d) or (r1 - r0) * (c1 - c0) > kh * kw:
             return None
         o_r0, o_r1, i_r0, i_r1 = _span(r0, r1, a_in.shape[-2], a_out.shape[-2], kh, sh, ph)
         o_c0, o_c1, i_c0, i_c1 = _span(c0, c1, a_in.shape[-1], a_out.shape[-1], kw, sw, pw)
