@@ -175,3 +175,26 @@ def test_one_channel_conv_gradient_by_fold_matches_autograd(k, stride, pad, n):
         g_ref, _ = input_grad(model, x, y)
     assert torch.allclose(logits, model(x), atol=1e-5)
     assert torch.allclose(g_fast, g_ref, atol=1e-6, rtol=1e-4)
+
+
+def test_plain_conv_nets_run_channels_last_with_relu_fused_or_not(monkeypatch):
+    """`strided` (no pooling) runs channels-last from its input on, each conv with its ReLU folded
+    in; without oneDNN's fused op the same plan gives the same logits and gradient."""
+    import advmnist.attacks.fast as fast_module
+
+    model = randomised("strided")
+    ops = _plan(model, torch.rand(1, 1, 28, 28))
+    kinds = [op.kind for op in ops]
+    assert "cl" in kinds and kinds.index("cl") < kinds.index("conv")
+    assert [op.relu for op in ops if op.kind == "conv"] == [True, True] and "relu" in kinds  # the dense one
+    n = SMALL_BATCH + 20
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(6))
+    g_fused, logits_fused = compile_grad(model, x)(x, y)
+    monkeypatch.setattr(fast_module, "_pointwise_conv_available", lambda: False)
+    g_plain, logits_plain = compile_grad(model, x)(x, y)
+    g_ref, logits_ref = input_grad(model, x, y)
+    for logits in (logits_fused, logits_plain):
+        assert (logits - logits_ref).abs().max() < 1e-4
+    for g in (g_fused, g_plain):
+        assert (g - g_ref).abs().max() <= 1e-4 * g_ref.abs().max()
