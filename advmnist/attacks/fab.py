@@ -45,9 +45,14 @@ def project_onto_hyperplane(p: torch.Tensor, w: torch.Tensor, c: torch.Tensor, n
     else:
         a = w * w
         r = torch.where(a > 0, room / w.abs().clamp_min(1e-30), torch.zeros_like(room))
-    # tied rooms give the same breakpoints in any order; torch's sort, on 1,840 rows of MNIST rooms
-    # (2 threads): 16.7 ms clean, 26.3 with noise, against numpy's argsort's 65.1 and 27.6
-    r_sorted, order = r.sort(1)
+    # Tied rooms give the same breakpoints in any order. Rooms are >= 0, and non-negative floats
+    # order as their bits read as integers, which sort faster: on 1,840 rows of MNIST rooms (2
+    # threads) 13.4 against 17.9 ms for torch's float sort (and 65.1 for numpy's argsort).
+    if r.dtype == torch.float32:
+        order = r.view(torch.int32).sort(1)[1]
+        r_sorted = r.gather(1, order)
+    else:
+        r_sorted, order = r.sort(1)
     a_sorted = a.gather(1, order)
     a_below = a_sorted.cumsum(1)
     ar_below = (a_sorted * r_sorted).cumsum(1)
