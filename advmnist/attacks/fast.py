@@ -254,12 +254,11 @@ def _pointwise_conv_available() -> bool:
 
 
 def _conv(h: torch.Tensor, op: _Op) -> torch.Tensor:
-    if not op.relu:
-        return F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad)
-    if h.device.type == "cpu" and len(h) >= SMALL_BATCH and _pointwise_conv_available():
+    if op.relu and h.device.type == "cpu" and len(h) >= SMALL_BATCH and _pointwise_conv_available():
         return torch.ops.mkldnn._convolution_pointwise(h, op.w, op.b, list(_pads(op.pad)), list(op.stride), [1, 1],
                                                        1, "relu", [], "")
-    return torch.relu(F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad))
+    h = F.conv2d(h, op.w, op.b, stride=op.stride, padding=op.pad)
+    return torch.relu(h) if op.relu else h
 
 
 def _channels_last(ops: list[_Op], in_hw: tuple[int, int]) -> list[_Op]:

@@ -145,12 +145,14 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
             if broken.any():
                 out[idx[broken]] = xb[broken]
                 keep = ~broken
-                idx, xs, ys, xb, mb = idx[keep], xs[keep], ys[keep], xb[keep], mb[keep]
+                idx, xs, ys, mb = idx[keep], xs[keep], ys[keep], mb[keep]
                 if norm == "linf":
                     lo, hi = lo[keep], hi[keep]
                 if windowed:
                     windowed.keep(keep)
                     xb = windowed.images
+                else:
+                    xb = xb[keep]
         out[idx] = xb
     return out.detach()
 

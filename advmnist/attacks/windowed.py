@@ -12,8 +12,7 @@ change of its input instead of multiplying its whole input. On `strided` a 2x2 w
 of conv2's 7x7 outputs.
 
 These updates accumulate rounding over accepted changes, so every cached activation is recomputed
-from the current images every `REFRESH` accepts (and the dense output whenever a window reaches the
-whole map); callers confirm a result they rely on (an example broken) with the model's own forward
+from the current images every `REFRESH` accepts; callers confirm a result they rely on (an example broken) with the model's own forward
 pass.
 """
 
@@ -98,7 +97,8 @@ class WindowedLogits:
         self.acts: list[torch.Tensor] = []
         self.z: torch.Tensor | None = None
         self.accepted = 0
-        self.maps: dict[tuple, torch.Tensor] = {}
+        self.conv_maps: dict[tuple, torch.Tensor] = {}  # per layer and shape of window (`_change_map`)
+        self.dense_maps: dict[tuple, torch.Tensor] = {}  # W[:, region] of the first dense layer, per region
 
     @classmethod
     def build(cls, model: nn.Module, example: torch.Tensor) -> WindowedLogits | None:
@@ -166,22 +166,22 @@ class WindowedLogits:
                     region, new = changed or self._local(m, geometry, a_in, a_out.shape[-2:], region, new)
                     if new is None:  # no output of this layer reads the change: the logits stay
                         unchanged = self.z if self.w is not None else self.acts[-1].flatten(1)
-                        return self._tail(unchanged), (parts, self.z, False)
+                        return self._tail(unchanged), (parts, self.z)
                 parts.append((region, new))
             last = self.acts[-1]
             r0, r1, c0, c1 = region
             whole = region == (0, last.shape[-2], 0, last.shape[-1])
             if self.w is None:
                 full = new if whole else self._overlay(last, region, new)
-                return self._tail(full.flatten(1)), (parts, None, whole)
+                return self._tail(full.flatten(1)), (parts, None)
             if whole:
                 z = self._dense(new)
             else:
-                if region not in self.maps:
+                if region not in self.dense_maps:
                     w = self.w.view(len(self.w), *last.shape[1:])[:, :, r0:r1, c0:c1]
-                    self.maps[region] = _flat(w).t().contiguous()
-                z = torch.addmm(self.z, _flat(new - last[:, :, r0:r1, c0:c1]), self.maps[region])
-            return self._tail(z), (parts, z, whole)
+                    self.dense_maps[region] = _flat(w).t().contiguous()
+                z = torch.addmm(self.z, _flat(new - last[:, :, r0:r1, c0:c1]), self.dense_maps[region])
+            return self._tail(z), (parts, z)
 
     @staticmethod
     def _overlay(cached: torch.Tensor, region, values: torch.Tensor) -> torch.Tensor:
@@ -205,9 +205,9 @@ class WindowedLogits:
         if not (i_r0 <= r0 and r1 <= i_r1 and i_c0 <= c0 and c1 <= i_c1 and o_r0 < o_r1 and o_c0 < o_c1):
             return None
         key = (layer, r1 - r0, c1 - c0, r0 - i_r0, c0 - i_c0, o_r1 - o_r0, o_c1 - o_c0)
-        if key not in self.maps:
-            self.maps[key] = _change_map(m.weight, *key[1:], (sh, sw))
-        change = _flat(new - a_in[:, :, r0:r1, c0:c1]) @ self.maps[key]
+        if key not in self.conv_maps:
+            self.conv_maps[key] = _change_map(m.weight, *key[1:], (sh, sw))
+        change = _flat(new - a_in[:, :, r0:r1, c0:c1]) @ self.conv_maps[key]
         out = a_out[:, :, o_r0:o_r1, o_c0:o_c1] + change.view(len(new), *key[-2:], -1).permute(0, 3, 1, 2)
         return (o_r0, o_r1, o_c0, o_c1), out
 
@@ -238,7 +238,7 @@ class WindowedLogits:
 
     def accept(self, proposal, mask: torch.Tensor) -> None:
         """The proposal becomes the cached state of the examples where `mask` is true."""
-        parts, z, whole = proposal
+        parts, z = proposal
         idx = mask.nonzero().flatten()
         if not len(idx):
             return
@@ -246,10 +246,8 @@ class WindowedLogits:
             act[:, :, r0:r1, c0:c1].index_copy_(0, idx, values.index_select(0, idx))
         if self.w is not None:
             self.z.index_copy_(0, idx, z.index_select(0, idx))
-            self.accepted += not whole
-        else:
-            self.accepted += 1
-        if self.accepted and self.accepted % REFRESH == 0:
+        self.accepted += 1
+        if self.accepted % REFRESH == 0:
             self._compute(self.acts[0])
 
     def keep(self, mask: torch.Tensor) -> None:
