@@ -54,6 +54,32 @@ def test_apgd_dlr_and_targeted_fool_and_are_seeded(model, batch):
     assert acc(model, t1, y[:64]) < 60
 
 
+@pytest.mark.parametrize("attack, kw", [(apgd, {}), (apgd_t, {"targets": 1})])
+def test_side_by_side_restarts_break_what_the_copies_break(model, batch, attack, kw):
+    """Side by side, an image's copies stop together once one breaks it: the verdict per image is
+    the one of the same copies run to the end, and each point found stays in the ball."""
+    x, y = batch[0][:64], batch[1][:64]
+    eps, restarts = 0.06, 3
+    adv = attack(model, x, y, eps=eps, steps=10, restarts=restarts, side_by_side=True, generator=gen(3), **kw)
+    copies = attack(model, x.repeat(restarts, 1, 1, 1), y.repeat(restarts), eps=eps, steps=10, generator=gen(3), **kw)
+    broken_copies = (predict_logits(model, copies).argmax(1) != y.repeat(restarts)).view(restarts, -1).any(0)
+    broken = predict_logits(model, adv).argmax(1) != y
+    assert 0 < int(broken.sum()) < len(y)
+    assert torch.equal(broken, broken_copies)
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.shape == x.shape
+
+
+def test_apgd_t_with_every_target_side_by_side_matches_one_after_another(model, batch):
+    x, y = batch[0][:64], batch[1][:64]
+    kw = {"eps": 0.06, "steps": 10, "targets": 9, "restarts": 2}
+    together = apgd_t(model, x, y, side_by_side=True, generator=gen(4), **kw)
+    assert torch.equal(together, apgd_t(model, x, y, side_by_side=True, generator=gen(4), **kw))
+    in_turn = apgd_t(model, x, y, generator=gen(4), **kw)
+    broken = [int((predict_logits(model, a).argmax(1) != y).sum()) for a in (together, in_turn)]
+    assert broken[0] > 0 and abs(broken[0] - broken[1]) <= 2  # other random starts, the same attack
+    assert (together - x).abs().max() <= 0.06 + 1e-6
+
+
 def test_apgd_eps_zero_and_bad_parameters(model, batch):
     x, y = batch[0][:8], batch[1][:8]
     assert torch.equal(apgd(model, x, y, eps=0.0, steps=5), x)

@@ -42,11 +42,13 @@ def _project_l2(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor, *, eps: float, steps: int,
-         norm: str, rho: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+         norm: str, rho: float, generator, group: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run on every example of x; returns (x_adv, fooled).
 
     Examples drop out of the working set at a checkpoint once they are misclassified: their result
-    is fixed, and a robust-accuracy evaluation gains nothing from pushing them further.
+    is fixed, and a robust-accuracy evaluation gains nothing from pushing them further. With `group`
+    (an id per example: copies of one image run side by side), every example of a group drops out
+    once one of them is misclassified, since the image is then broken whatever the others find.
     """
     n = len(x)
     out = x.clone()
@@ -100,16 +102,21 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
         grad = torch.where(halve.view(-1, 1, 1, 1), grad_best, grad)
         k, since, rises = max(k - size_decr, k_min), 0, torch.zeros_like(rises)
         done = ~ok
-        if done.any():  # shrink the working set to the examples still classified correctly
-            out[idx[done]] = x_fool[done]
-            fooled[idx[done]] = True
-            keep = ok
+        if group is not None and done.any():
+            broken = torch.zeros(int(group.max()) + 1, dtype=torch.bool, device=x.device)
+            broken[group[done]] = True
+            done = broken[group]
+        if done.any():  # shrink the working set to the examples still to be decided
+            out[idx[done]] = torch.where(ok[done].view(-1, 1, 1, 1), x_best[done], x_fool[done])
+            fooled[idx[done]] = ~ok[done]
+            keep = ~done
             if not keep.any():
                 return out, fooled
             idx, x0, y0, lab = idx[keep], x0[keep], y0[keep], lab[keep]
             adv, adv_old, grad, x_best, grad_best = adv[keep], adv_old[keep], grad[keep], x_best[keep], grad_best[keep]
             loss_best, best_at_check, reduced, step = loss_best[keep], best_at_check[keep], reduced[keep], step[keep]
             prev_loss, rises, x_fool, ok = prev_loss[keep], rises[keep], x_fool[keep], ok[keep]
+            group = None if group is None else group[keep]
             if norm == "linf":
                 lo, hi = lo[keep], hi[keep]
     out[idx] = torch.where(ok.view(-1, 1, 1, 1), x_best, x_fool)
@@ -117,15 +124,31 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
     return out, fooled
 
 
+def _side_by_side(run, x: torch.Tensor, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run(sel, group)` -> (x_adv, fooled) on x[sel], with sel = group = `copies` stacked copies of
+    x's indices, as independent runs in one batch (a pass over a batch C times larger costs far less
+    than C passes over a small one, and a few images are all such a run is for). An image's copies
+    stop together once one fools the model; the first copy that did gives its point."""
+    n = len(x)
+    group = torch.arange(n, device=x.device).repeat(copies)
+    adv, hit = run(group, group)
+    adv, hit = adv.view(copies, *x.shape), hit.view(copies, n)
+    result = adv[0]
+    for k in reversed(range(copies)):
+        result = torch.where(hit[k].view(-1, 1, 1, 1), adv[k], result)
+    return result, hit.any(0)
+
+
 @register_attack()
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
          norm: Literal["linf", "l2"] = "linf", loss: Literal["ce", "dlr"] = "ce", restarts: int = 1, rho: float = 0.75,
-         generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
+         generator: torch.Generator | None = None, fast: bool = True, side_by_side: bool = False) -> torch.Tensor:
     """Auto-PGD (Croce & Hein 2020), untargeted: step-size free PGD with momentum, CE or DLR loss.
 
     y are the true labels. Each restart starts at a new random point in the eps-ball and runs on
-    the examples no earlier restart fooled. Returns, per example, the first misclassified iterate
-    found, else the point of highest loss; images in [0, 1].
+    the examples no earlier restart fooled, or with `side_by_side` all restarts at once as copies in
+    one batch (faster on a few images; `restarts` times the memory). Returns, per example, the first
+    misclassified iterate found, else the point of highest loss; images in [0, 1].
     """
     check_inputs(x, y)
     _check(eps, steps, norm, restarts)
@@ -134,17 +157,24 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3
     loss_fn = LOSSES[loss]
     with frozen(model):
         grad_fn = gradient_fn(model, x[:1], fast, loss=None if loss == "ce" else loss_fn)
-        return over_restarts(lambda sel: _run(grad_fn, loss_fn, x[sel], y[sel], y[sel], eps=eps, steps=steps,
-                                              norm=norm, rho=rho, generator=generator), x, restarts)[0].detach()
+        def run(sel, group=None):
+            return _run(grad_fn, loss_fn, x[sel], y[sel], y[sel], eps=eps, steps=steps, norm=norm, rho=rho,
+                        generator=generator, group=group)
+
+        if side_by_side and restarts > 1:
+            return _side_by_side(run, x, restarts)[0].detach()
+        return over_restarts(run, x, restarts)[0].detach()
 
 
 @register_attack(name="apgd-t")
 def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0.3, steps: int = 100,
            norm: Literal["linf", "l2"] = "linf", targets: int = 9, restarts: int = 1, rho: float = 0.75,
-           generator: torch.Generator | None = None, fast: bool = True) -> torch.Tensor:
+           generator: torch.Generator | None = None, fast: bool = True, side_by_side: bool = False) -> torch.Tensor:
     """Targeted Auto-PGD (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the
     `targets` classes ranked highest by the model after the true one, each on the examples no
-    earlier target broke.
+    earlier target broke, with `restarts` per target; or with `side_by_side` every target and
+    restart at once as copies in one batch, an image's copies stopping once one breaks it (for a few
+    images: targets x restarts times the memory).
 
     y are the true labels (the goal is any misclassification). Returns images in [0, 1].
     """
@@ -156,11 +186,36 @@ def apgd_t(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 0
         grad_fn = gradient_fn(model, x[:1], fast, loss=targeted_dlr_loss)
         logits = clean_logits(model, x)
 
+        if side_by_side:
+            return _all_targets_at_once(grad_fn, x, y, logits, targets, restarts, eps=eps, steps=steps, norm=norm,
+                                        rho=rho, generator=generator).detach()
+
         def one_target(xs, ys, pair):
             return over_restarts(lambda s: _run(grad_fn, targeted_dlr_loss, xs[s], pair[s], ys[s], eps=eps,
-                                                    steps=steps, norm=norm, rho=rho, generator=generator), xs, restarts)
+                                                steps=steps, norm=norm, rho=rho, generator=generator), xs, restarts)
 
         return over_targets(one_target, x, y, logits, targets).detach()
+
+
+def _all_targets_at_once(grad_fn, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, targets: int, restarts: int,
+                         **how) -> torch.Tensor:
+    """APGD-T's targets and restarts side by side: copy r * k + j of each correctly classified image
+    runs restart r towards the class ranked j + 1 by its clean logits. As `over_targets`, an image
+    no copy breaks comes back unchanged."""
+    result = x.clone()
+    todo = (logits.argmax(1) == y).nonzero().flatten()
+    if not len(todo):
+        return result
+    xs, ys, ranked = x[todo], y[todo], logits[todo].argsort(1, descending=True)[:, 1:targets + 1]
+    target = ranked.t().repeat(restarts, 1).reshape(-1)
+
+    def run(sel, group):
+        return _run(grad_fn, targeted_dlr_loss, xs[sel], torch.stack([ys[sel], target], 1), ys[sel], group=group,
+                    **how)
+
+    adv, hit = _side_by_side(run, xs, ranked.shape[1] * restarts)
+    result[todo] = torch.where(hit.view(-1, 1, 1, 1), adv, xs)
+    return result
 
 
 __all__ = ["apgd", "apgd_t"]
