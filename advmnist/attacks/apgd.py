@@ -102,11 +102,9 @@ def _run(grad_fn, loss_fn, x: torch.Tensor, y: torch.Tensor, label: torch.Tensor
         grad = torch.where(halve.view(-1, 1, 1, 1), grad_best, grad)
         k, since, rises = max(k - size_decr, k_min), 0, torch.zeros_like(rises)
         done = ~ok
-        if group is not None and done.any():
-            broken = torch.zeros(int(group.max()) + 1, dtype=torch.bool, device=x.device)
-            broken[group[done]] = True
-            done = broken[group]
         if done.any():  # shrink the working set to the examples still to be decided
+            if group is not None:  # ids are below n: they index the rows of x
+                done = torch.zeros(n, dtype=torch.bool, device=x.device).index_fill_(0, group[done], True)[group]
             out[idx[done]] = torch.where(ok[done].view(-1, 1, 1, 1), x_best[done], x_fool[done])
             fooled[idx[done]] = ~ok[done]
             keep = ~done
@@ -133,10 +131,8 @@ def _side_by_side(run, x: torch.Tensor, copies: int) -> tuple[torch.Tensor, torc
     group = torch.arange(n, device=x.device).repeat(copies)
     adv, hit = run(group, group)
     adv, hit = adv.view(copies, *x.shape), hit.view(copies, n)
-    result = adv[0]
-    for k in reversed(range(copies)):
-        result = torch.where(hit[k].view(-1, 1, 1, 1), adv[k], result)
-    return result, hit.any(0)
+    first = hit.int().argmax(0)  # the first copy that fooled the model, else copy 0
+    return adv[first, torch.arange(n, device=x.device)], hit.any(0)
 
 
 @register_attack()
