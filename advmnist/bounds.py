@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import AdvmnistError
+from .measures import eval_mode
 from .models import Normalize
 
 TOLERANCE = 1e-4  # float32 slack: a margin bound must exceed this to certify
@@ -349,7 +350,7 @@ def _shapes(traced: _Traced, model: nn.Module, example: torch.Tensor):
     if key not in traced.shapes:
         env: dict = {}
         probe = torch.zeros(2, *key[0], dtype=example.dtype, device=example.device)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # the probe moves no BatchNorm's running statistics
             for node in traced.nodes:
                 env[node] = probe if traced.kind[node] == "input" else _run(node, env, model, traced)
                 value = env[node]
@@ -366,9 +367,9 @@ def bound_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[
     (a Sequential gives a chain); BoundError for anything else."""
     traced = _traced(model)
     for path, m in traced.modules.items():
-        if m.training and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d) + _PASS[2:-1]):
+        if m.training and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d) + _PASS[2:-1]) and m not in _BATCH_STATS:
             raise BoundError(f"layer '{path}' ({type(m).__name__}) is in training mode; call model.eval() first")
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_var is None:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_var is None and m not in _BATCH_STATS:
             raise BoundError(f"layer '{path}' ({type(m).__name__}) normalises by batch statistics (no running ones)")
     if example is None:
         example = torch.zeros(1, 1, 28, 28)
@@ -474,14 +475,48 @@ def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
 
 
+_BATCH_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Within it, bounds of a model in training mode normalise each BatchNorm by the mean and variance
+    of the batch its last forward pass saw, as that pass did: the clean and the bound loss of certified
+    training then see one network (Shi et al. 2021, "Fast Certified Robust Training with Short Warmup")."""
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training]
+
+    def record(m: nn.Module, args: tuple) -> None:
+        if not m.training:  # the bounds' own shape probe
+            return
+        x = args[0]
+        dims = [0] + list(range(2, x.dim()))
+        _BATCH_STATS[m] = (x.mean(dims), x.var(dims, unbiased=False))
+
+    handles = [m.register_forward_pre_hook(record) for m in norms]
+    for m in norms:
+        _BATCH_STATS[m] = None
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in norms:
+            _BATCH_STATS.pop(m, None)
+
+
 def _scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalize or BatchNorm as per-channel (scale, shift)."""
     if isinstance(m, Normalize):
         return 1.0 / m.std, -m.mean / m.std
-    scale = torch.rsqrt(m.running_var + m.eps)
+    mean, var = m.running_mean, m.running_var
+    if m.training and m in _BATCH_STATS:
+        if _BATCH_STATS[m] is None:
+            raise BoundError("a BatchNorm in training mode is bounded before any batch passed through it")
+        mean, var = _BATCH_STATS[m]
+    scale = torch.rsqrt(var + m.eps)
     if m.weight is not None:
         scale = scale * m.weight
-    shift = -m.running_mean * scale
+    shift = -mean * scale
     if m.bias is not None:
         shift = shift + m.bias
     return scale, shift

@@ -235,14 +235,15 @@ def _kl_from(p_nat: torch.Tensor):
 def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, kappa: float):
     """kappa CE(clean) + (1 - kappa) CE(worst-case logits): the worst case puts every other logit at
     its IBP upper bound relative to the label's (the margin lower bounds, Gowal et al. 2018)."""
-    from .bounds import ibp_margins
+    from .bounds import batch_statistics, ibp_margins
 
-    logits = model(x)
-    loss = F.cross_entropy(logits, y)
-    if kappa < 1.0:
-        margins = ibp_margins(model, x, y, eps)  # (N, 9) lower bounds of logit_y - logit_j
-        worst = torch.cat([torch.zeros_like(margins[:, :1]), -margins], dim=1)  # the label first
-        loss = kappa * loss + (1.0 - kappa) * F.cross_entropy(worst, torch.zeros_like(y))
+    with batch_statistics(model):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if kappa < 1.0:
+            margins = ibp_margins(model, x, y, eps)  # (N, 9) lower bounds of logit_y - logit_j
+            worst = torch.cat([torch.zeros_like(margins[:, :1]), -margins], dim=1)  # the label first
+            loss = kappa * loss + (1.0 - kappa) * F.cross_entropy(worst, torch.zeros_like(y))
     return loss, logits
 
 

@@ -433,3 +433,43 @@ def test_exact_verdicts_agree_with_bounds_and_attacks(model, batch):
     exact_robust = sum(v.status == "robust" for v in verdicts)
     assert int(cert.sum()) <= exact_robust <= int(attacked_ok.sum())
     assert any(v.status != "unknown" for v in verdicts)
+
+
+def test_training_mode_batchnorm_is_bounded_with_the_batch_statistics():
+    """Certified training of a BatchNorm net (Shi et al. 2021): inside `batch_statistics` the bounds
+    normalise by the statistics of the batch the forward pass saw, so at eps 0 they are that pass's own
+    margins, above eps 0 they hold for inputs normalised the same way, and the running statistics move
+    once per batch (the bounds' shape probe does not move them)."""
+    from advmnist.bounds import batch_statistics
+    from advmnist.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("improved-bn").train()
+    x, y = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    with batch_statistics(net):
+        logits = net(x)
+        at_zero, at_eps = ibp_margins(net, x, y, 0.0), ibp_margins(net, x, y, 0.1)
+        frozen = copy.deepcopy(net).eval()
+        for (_, bn), (_, mine) in zip(
+                [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))],
+                [(n, m) for n, m in frozen.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]):
+            from advmnist.bounds import _BATCH_STATS
+            mean, var = _BATCH_STATS[bn]
+            mine.running_mean.copy_(mean.detach()), mine.running_var.copy_(var.detach())
+    assert all(m.num_batches_tracked.item() == 1 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    assert torch.allclose(at_zero, _margins(logits, y), atol=1e-4)
+    worst = torch.full_like(at_eps, float("inf"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(20):
+            noise = 0.1 * (2 * torch.rand(x.shape, generator=g) - 1)
+            worst = torch.minimum(worst, _margins(frozen((x + noise).clamp(0, 1)), y))
+    assert (at_eps <= worst + 1e-4).all() and (at_eps < at_zero).any()
+    with pytest.raises(BoundError, match="training mode"):  # outside the context: refused as before
+        ibp_margins(net, x, y, 0.1)
+
+
+def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    diff = logits.gather(1, y[:, None]) - logits
+    keep = torch.ones_like(diff, dtype=torch.bool).scatter_(1, y[:, None], False)
+    return diff[keep].view(len(y), -1)
