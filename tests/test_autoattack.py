@@ -189,6 +189,7 @@ def test_training_accuracy_far_above_test_robustness_is_flagged(model, batch):
     assert train_adversarial_accuracy(record, 0.3) == 90.0
     assert train_adversarial_accuracy(record, 0.1) is None
     assert train_adversarial_accuracy({**record, "adversarial": {"method": "trades", "eps": 0.3}}, 0.3) is None
+    assert train_adversarial_accuracy({**record, "adversarial": {"method": "ibp", "eps": 0.3}}, 0.3) is None
 
 
 def test_cli_attack_with_the_new_methods(tmp_path):
