@@ -131,6 +131,7 @@ def _scaled(x: torch.Tensor, scale, shift) -> torch.Tensor:
 
 
 _PASS = (nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, _Reshape)
+_DROPOUT = _PASS[2:-1]
 _LINEAR, _CONV = (nn.Linear, _Linear), (nn.Conv2d, _Conv2d)
 _MATRIX = _LINEAR + _CONV
 _ELEMENTWISE = (Normalize, nn.BatchNorm1d, nn.BatchNorm2d, _Affine)
@@ -367,9 +368,9 @@ def bound_layers(model: nn.Module, example: torch.Tensor | None = None) -> list[
     (a Sequential gives a chain); BoundError for anything else."""
     traced = _traced(model)
     for path, m in traced.modules.items():
-        if m.training and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d) + _PASS[2:-1]) and m not in _BATCH_STATS:
+        if m.training and isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d) + _DROPOUT) and m not in _TRAINING:
             raise BoundError(f"layer '{path}' ({type(m).__name__}) is in training mode; call model.eval() first")
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_var is None and m not in _BATCH_STATS:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.running_var is None and m not in _TRAINING:
             raise BoundError(f"layer '{path}' ({type(m).__name__}) normalises by batch statistics (no running ones)")
     if example is None:
         example = torch.zeros(1, 1, 28, 28)
@@ -475,33 +476,35 @@ def input_box(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - eps).clamp(min=0.0), (x + eps).clamp(max=1.0)
 
 
-_BATCH_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TRAINING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its batch's (mean, var), or None
 
 
 @contextlib.contextmanager
 def batch_statistics(model: nn.Module):
     """Within it, bounds of a model in training mode normalise each BatchNorm by the mean and variance
     of the batch its last forward pass saw, as that pass did: the clean and the bound loss of certified
-    training then see one network (Shi et al. 2021, "Fast Certified Robust Training with Short Warmup")."""
+    training then see one network (Shi et al. 2021, "Fast Certified Robust Training with Short Warmup").
+    Dropout is bounded as the identity, as in eval mode: the bounds are those of the net that is certified."""
     norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and m.training]
+    drops = [m for m in model.modules() if isinstance(m, _DROPOUT) and m.training]
 
     def record(m: nn.Module, args: tuple) -> None:
         if not m.training:  # the bounds' own shape probe
             return
         x = args[0]
         dims = [0] + list(range(2, x.dim()))
-        _BATCH_STATS[m] = (x.mean(dims), x.var(dims, unbiased=False))
+        _TRAINING[m] = (x.mean(dims), x.var(dims, unbiased=False))
 
     handles = [m.register_forward_pre_hook(record) for m in norms]
-    for m in norms:
-        _BATCH_STATS[m] = None
+    for m in norms + drops:
+        _TRAINING[m] = None
     try:
         yield
     finally:
         for h in handles:
             h.remove()
-        for m in norms:
-            _BATCH_STATS.pop(m, None)
+        for m in norms + drops:
+            _TRAINING.pop(m, None)
 
 
 def _scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,10 +512,10 @@ def _scale_shift(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(m, Normalize):
         return 1.0 / m.std, -m.mean / m.std
     mean, var = m.running_mean, m.running_var
-    if m.training and m in _BATCH_STATS:
-        if _BATCH_STATS[m] is None:
+    if m.training and m in _TRAINING:
+        if _TRAINING[m] is None:
             raise BoundError("a BatchNorm in training mode is bounded before any batch passed through it")
-        mean, var = _BATCH_STATS[m]
+        mean, var = _TRAINING[m]
     scale = torch.rsqrt(var + m.eps)
     if m.weight is not None:
         scale = scale * m.weight
@@ -556,7 +559,9 @@ def interval(layer: nn.Module, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torc
             scale, shift = _channel_view(scale, lo.dim()), _channel_view(shift, lo.dim())
             a, b = lo * scale + shift, hi * scale + shift
         return torch.minimum(a, b), torch.maximum(a, b)
-    # ReLU, max and average pooling, reshapes, eval-mode dropout: monotone, so the ends map to the ends
+    if isinstance(layer, _DROPOUT):  # the identity in eval mode, and so bounded in training (`batch_statistics`)
+        return lo, hi
+    # ReLU, max and average pooling, reshapes: monotone, so the ends map to the ends
     return layer(lo), layer(hi)
 
 
