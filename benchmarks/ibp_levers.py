@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import advmnist.train as train_mod
-from advmnist.bounds import certified, certified_margins
 from advmnist.data import load_mnist
+from advmnist.evaluation import certify_examples
 from advmnist.foreign import load_run_model
+from advmnist.measures import evaluate
 from advmnist.models import Recipe
 from advmnist.train import Adversarial, fit
 
@@ -53,13 +54,9 @@ def with_shifts(k: int) -> None:
 
 
 def measure(model: nn.Module, data) -> dict:
-    model.eval()
-    with torch.no_grad():
-        clean = (model(data.test_x).argmax(1) == data.test_y).float().mean().item() * 100
-        proved = sum(certified(certified_margins(model, data.test_x[i:i + 1000], data.test_y[i:i + 1000], 0.3,
-                                                 method="ibp")[0]).sum().item()
-                     for i in range(0, len(data.test_y), 1000))
-    return {"clean": round(clean, 2), "ibp_certified_0.3": round(100.0 * proved / len(data.test_y), 2)}
+    clean = evaluate(model, data.test_x, data.test_y)["accuracy"]
+    proved = certify_examples(model, data.test_x, data.test_y, 0.3, method="ibp")[0]["certified_accuracy"]
+    return {"clean": round(clean, 2), "ibp_certified_0.3": round(proved, 2)}
 
 
 def main() -> None:
