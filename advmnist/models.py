@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
-from .names import SCHEDULES  # noqa: F401  (the values of Recipe.schedule; defined without torch for the CLI)
+from .names import PRECISIONS, SCHEDULES  # noqa: F401  (values of Recipe fields; defined without torch for the CLI)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Recipe:
     weight_decay: float = 0.0  # L2 penalty, 0 in every report
     schedule: str = "constant"  # learning rate: "constant" (every report) or "onecycle" (0 -> lr -> 0, linear)
     ema: float = 0.0  # decay of an exponential moving average of the weights, which is what is kept; 0: off
+    precision: str = "fp32"  # "bf16": training passes under bfloat16 autocast; weights, tests and bounds stay fp32
 
     def __str__(self) -> str:
         parts = [self.optimizer, f"lr={self.lr:g}"]
@@ -48,6 +49,8 @@ class Recipe:
             parts.append(f"schedule={self.schedule}")
         if self.ema:
             parts.append(f"ema={self.ema:g}")
+        if self.precision != "fp32":
+            parts.append(f"precision={self.precision}")
         return " ".join(parts)
 
 

@@ -109,5 +109,8 @@ ADVERSARIAL_METHODS: tuple[str, ...] = _TRAINING_METHODS + tuple(
 # advmnist.models.SCHEDULES, the values of Recipe.schedule (defined here, imported there)
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
 
+# advmnist.models.PRECISIONS, the values of Recipe.precision
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
 # the keys of advmnist.robustness.ENSEMBLES
 ENSEMBLES: tuple[str, ...] = ("standard", "autoattack", "quick", "pgd")

@@ -27,7 +27,7 @@ from .devices import pick_device
 from .errors import AdvmnistError, TrainingCollapsed, TrainingDiverged
 from .memory import keep_freed_memory
 from .measures import eval_mode, evaluate
-from .models import SCHEDULES, Recipe, create_model, get_spec
+from .models import PRECISIONS, SCHEDULES, Recipe, create_model, get_spec
 from .robustness import pgd_accuracy
 
 #: Training methods with a recipe of their own; any other registered attack that is untargeted and
@@ -64,6 +64,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise AdvmnistError(f"unknown optimizer {recipe.optimizer!r}; use sgd or adam")
     if recipe.schedule not in SCHEDULES:
         raise AdvmnistError(f"unknown learning-rate schedule {recipe.schedule!r}; use {' or '.join(SCHEDULES)}")
+    if recipe.precision not in PRECISIONS:
+        raise AdvmnistError(f"unknown precision {recipe.precision!r}; use {' or '.join(PRECISIONS)}")
 
 
 def learning_rate(recipe: Recipe, progress: float) -> float:
@@ -335,13 +337,14 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
                 batch_size: int, generator: torch.Generator, progress: tqdm | None = None,
                 loss_fn=None, eps_schedule: Callable[[float], float | None] | None = None,
                 lr_schedule: Callable[[float], float] | None = None,
-                after_step: Callable[[], None] | None = None) -> dict:
+                after_step: Callable[[], None] | None = None, precision: str = "fp32") -> dict:
     """One pass over (x, y) in a seeded random order; returns mean loss and accuracy (%).
 
     `loss_fn(model, xb, yb, eps) -> (loss, logits)` replaces plain cross-entropy (adversarial
     training); `eps_schedule(fraction of the epoch done)` gives its eps batch by batch (None: a clean
     batch, the warm-up), and `lr_schedule(fraction)` the optimizer's learning rate; `after_step()`
-    runs after every optimizer step (the weight average).
+    runs after every optimizer step (the weight average). `precision` "bf16" runs the forward passes
+    and the loss (bounds included) under bfloat16 autocast, the backward pass and the weights in fp32.
     """
     keep_freed_memory()
     model.train()
@@ -355,11 +358,12 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
         if lr_schedule is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule(start / n)
-        if loss_fn is None:
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-        else:
-            loss, logits = loss_fn(model, xb, yb, eps_schedule(start / n) if eps_schedule else 0.0)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if loss_fn is None:
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+            else:
+                loss, logits = loss_fn(model, xb, yb, eps_schedule(start / n) if eps_schedule else 0.0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -513,7 +517,7 @@ def fit(model: nn.Module, data: MNIST, recipe: Recipe, *, seed: int = 0, progres
                                 else lambda frac, e=epoch: adversarial.eps_at(e - 1 + frac),
                                 lr_schedule=None if recipe.schedule == "constant"
                                 else lambda frac, e=epoch: learning_rate(recipe, e - 1 + frac),
-                                after_step=average.update if average else None)
+                                after_step=average.update if average else None, precision=recipe.precision)
         train_seconds = time.perf_counter() - start
         test = evaluate(judged, data.test_x, data.test_y)
         if _diverged(model, stats["train_loss"], test["loss"]):

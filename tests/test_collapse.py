@@ -80,6 +80,26 @@ def test_each_method_trains_at_its_default_schedule_on_a_slice(method, eps, batc
     assert not any(h.get("at_chance") for h in history)
 
 
+def test_bf16_autocast_trains_ibp_as_fp32_does_and_keeps_fp32_weights(slice3000):
+    """`train --precision bf16` runs the clean pass and the bounds under bfloat16 autocast (about 1.4x
+    faster for IBP on a CPU with AVX512-BF16); the weights, the tests and the monitor's certificates
+    stay fp32, and the net learns as the fp32 one does."""
+    def train(precision):
+        torch.manual_seed(0)
+        model = create_model("strided")
+        history = fit(model, slice3000, resolve_recipe("strided", epochs=2, batch_size=32, precision=precision),
+                      seed=0, adversarial=Adversarial("ibp", eps=0.1, monitor=200))
+        return model, history[-1]
+
+    (half, h16), (full, h32) = train("bf16"), train("fp32")
+    assert all(p.dtype == torch.float32 for p in half.state_dict().values() if p.is_floating_point())
+    assert not torch.equal(half.fc1.weight, full.fc1.weight)  # the passes did run in bfloat16
+    assert h16["test_accuracy"] > 55.0
+    # measured: 77.7% against 77.6% on 1,000 test images, 36.5% against 37.5% certified on the 200 monitored
+    assert abs(h16["test_accuracy"] - h32["test_accuracy"]) < 2.0
+    assert abs(h16["certified_accuracy"] - h32["certified_accuracy"]) < 5.0
+
+
 def test_ibp_trains_a_batchnorm_net(slice3000):
     """IBP of a net with BatchNorm (`improved-bn`, `train`'s default model) bounds each BatchNorm with
     the statistics of the batch the clean pass saw (Shi et al. 2021), instead of stopping with "in

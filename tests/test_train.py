@@ -78,6 +78,13 @@ def test_ema_training_keeps_and_tests_the_averaged_weights(small):
     assert not torch.equal(averaged.fc1.weight, last.fc1.weight)
 
 
+def test_an_unknown_precision_is_refused_in_one_line():
+    with pytest.raises(AdvmnistError, match="unknown precision 'fp16'; use fp32 or bf16"):
+        resolve_recipe("strided", precision="fp16")
+    assert str(resolve_recipe("strided", precision="bf16")).endswith("precision=bf16")
+    assert "precision" not in str(resolve_recipe("strided"))
+
+
 def test_train_run_writes_a_complete_run_and_checkpoint_round_trips(tmp_path, small):
     run = train_run("lenet", out=tmp_path, seed=1, data=small.subset(2000, 500), epochs=1, batch_size=64)
     assert sorted(p.name for p in run.iterdir()) == ["curves.png", "model.pt", "record.json"]
