@@ -485,6 +485,7 @@ _OK = "title = 'ok'\nreport = 'r'\n[[variant]]\nlabel = 'a'\nmodel = 'mlp'\n"
     ("seeds = ['a']\n" + _OK, "key 'seeds': expected a non-empty list of distinct integers >= 0, got ['a']"),
     (_OK + "overrides = { lr = 0.1, speed = 2 }\n", "[[variant]] #1 ('a') overrides: unknown key(s) 'speed'"),
     (_OK + "overrides = { lr = nan }\n", "overrides: key 'lr': expected positive (a finite number > 0), got nan"),
+    (_OK + "overrides = { precision = 'fp16' }\n", "unknown precision 'fp16'; use fp32 or bf16"),
     (_OK.replace("title = 'ok'\n", ""), "missing key 'title': expected a non-empty string"),
     (_OK + "[robust]\neps = inf\n", "[robust]: key 'eps': expected >= 0 (a finite number), got inf"),
     (_OK + "adversarial = { method = 'trades', uniform_start = 3 }\n", "uniform_start must be true or false, got 3"),
