@@ -28,6 +28,7 @@ from advmnist.evaluation import certify_examples
 from advmnist.foreign import load_run_model
 from advmnist.measures import evaluate
 from advmnist.models import Recipe
+from advmnist.names import PRECISIONS
 from advmnist.train import Adversarial, fit
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     ft.add_argument("--lr", type=float, default=2e-4)
     ft.add_argument("--epochs", type=int, default=3)
     ft.add_argument("--shift", type=int, default=0)
-    ft.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ft.add_argument("--precision", choices=PRECISIONS, default="fp32")
     sub.add_parser("measure").add_argument("run")
     args = parser.parse_args()
     data, start = load_mnist(), time.time()
