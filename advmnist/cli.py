@@ -24,7 +24,7 @@ from click.shell_completion import CompletionItem
 from . import cli_types as T
 from . import validate as VALIDATE
 from .errors import AdvmnistError, SkippedFileWarning
-from .names import ADVERSARIAL_METHODS, ATTACKS, ENSEMBLES, MODELS, PRECISIONS, SCHEDULES, read_attacks
+from .names import ADVERSARIAL_METHODS, ATTACKS, BOUNDS, ENSEMBLES, MODELS, PRECISIONS, SCHEDULES, read_attacks
 
 
 def _terminated(signum, frame) -> None:
@@ -394,9 +394,11 @@ def _pick_target(run, model_name, module, weights, model_file, out, data, device
               help="With --robust: the first N test images (0: all 10,000).")
 @click.option("--check-n", type=T.POSITIVE_INT, default=1000, show_default=True,
               help="With --robust: images for the masking checks.")
-@click.option("--bound", type=click.Choice(["auto", "ibp", "crown-ibp", "crown"]), default="auto", show_default=True,
+@click.option("--bound", type=click.Choice(BOUNDS), default="auto", show_default=True,
               help="With --robust: the certified bound; auto = IBP and, without max pooling, CROWN-IBP (full CROWN "
-                   "is tighter and costs hundreds of forward passes).")
+                   "is tighter and costs hundreds of forward passes); alpha-crown = auto, then full CROWN with "
+                   "optimised ReLU slopes on the images the attacks leave standing; bab = alpha-crown, then branch "
+                   "and bound over ReLU splits on what it leaves (up to 30 s an image).")
 @click.option("--certify/--no-certify", default=True, show_default=True,
               help="With --robust: also certified accuracy (IBP/CROWN lower bound), so the true value is an interval.")
 @click.option("--curve", callback=lambda ctx, param, value: _floats(ctx, param, value), default=None, metavar="EPS,...",

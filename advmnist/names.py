@@ -112,5 +112,8 @@ SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
 # advmnist.models.PRECISIONS, the values of Recipe.precision
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
+# advmnist.evaluation.BOUNDS, the certified bounds of `evaluate --robust --bound`
+BOUNDS: tuple[str, ...] = ("auto", "ibp", "crown-ibp", "crown", "alpha-crown", "bab")
+
 # the keys of advmnist.robustness.ENSEMBLES
 ENSEMBLES: tuple[str, ...] = ("standard", "autoattack", "quick", "pgd")

@@ -248,6 +248,7 @@ class Certificate:
     attacked_certified: int | None = None
     soundness_checked: bool | None = None
     skipped: str | None = None
+    refined: dict | None = None  # --bound alpha-crown: the images left open, how many it certified, its time
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import InvalidValue, SpecError
+from .names import BOUNDS
 
 
 def _plain_number(value: Any) -> bool:
@@ -252,7 +253,7 @@ SPEC_SCHEMA: dict[str, dict[str, Field]] = {
         "eps": _number(NONNEG), "ensemble": _string(), "attacks": _list("attack names", lambda v: isinstance(v, str)),
         "steps": _number(COUNT), "restarts": _number(COUNT), "queries": _number(COUNT),
         "norm": _choice(("linf", "l2")), "alone": BOOL, "limit": _number(COUNT0), "check_n": _number(COUNT),
-        "certify": BOOL, "curve": _list("eps values >= 0", NONNEG.accepts, distinct=True),
+        "certify": BOOL, "bound": _choice(BOUNDS), "curve": _list("eps values >= 0", NONNEG.accepts, distinct=True),
         "curve_limit": _number(COUNT0),
     },
 }

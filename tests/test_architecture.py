@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("__init__", "errors", "names", "validate", "memory", "devices")),
     ("data and models", ("data", "models")),
     ("attacks", ("attacks",)),
-    ("measures", ("measures", "execution", "robustness", "bounds", "exact")),
+    ("measures", ("measures", "execution", "robustness", "bounds", "branching", "exact")),
     ("records", ("runs", "records", "foreign", "shipped")),
     ("pictures", ("pictures",)),
     ("jobs", ("train", "attacking", "evaluation", "leaderboard")),

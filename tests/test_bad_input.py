@@ -488,6 +488,7 @@ _OK = "title = 'ok'\nreport = 'r'\n[[variant]]\nlabel = 'a'\nmodel = 'mlp'\n"
     (_OK + "overrides = { precision = 'fp16' }\n", "unknown precision 'fp16'; use fp32 or bf16"),
     (_OK.replace("title = 'ok'\n", ""), "missing key 'title': expected a non-empty string"),
     (_OK + "[robust]\neps = inf\n", "[robust]: key 'eps': expected >= 0 (a finite number), got inf"),
+    (_OK + "[robust]\nbound = 'alpha'\n", "[robust]: key 'bound': expected one of"),
     (_OK + "adversarial = { method = 'trades', uniform_start = 3 }\n", "uniform_start must be true or false, got 3"),
     (_OK + "adversarial = { method = 'pgd', keep_last = 'yes' }\n", "keep_last must be true or false, got 'yes'"),
     (_OK + "adversarial = { method = 'trades', restarts = 0 }\n", "key 'restarts': expected"),

@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advmnist.bounds import (BoundError, certified, certified_margins, crown_margins, ibp_margins, input_box,
-                             margin_spec)
-from advmnist.evaluation import check_soundness
+import advmnist
+from advmnist.bounds import (BoundError, alpha_crown_margins, certified, certified_margins, crown_margins, ibp_margins,
+                             input_box, margin_spec)
+from advmnist.evaluation import check_soundness, robust_evaluate_model
 from advmnist.errors import AdvmnistError
-from advmnist.models import Normalize
+from advmnist.models import Normalize, create_model
+from advmnist.train import fit, resolve_recipe
 
 
 class _Residual(nn.Module):
@@ -475,3 +477,171 @@ def _margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     diff = logits.gather(1, y[:, None]) - logits
     keep = torch.ones_like(diff, dtype=torch.bool).scatter_(1, y[:, None], False)
     return diff[keep].view(len(y), -1)
+
+
+# ---------------------------------------------------------------- alpha-CROWN
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "res"])
+def test_alpha_crown_is_sound_and_never_looser_than_crown(kind):
+    net = _random_net(kind, seed=3)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % 10
+    eps = 0.1
+    seen = _sampled_min_margins(net, x, y, eps)
+    crown = crown_margins(net, x, y, eps)
+    alpha = alpha_crown_margins(net, x, y, eps, steps=20)
+    assert alpha.shape == (6, 9)
+    assert (alpha <= seen + 1e-4).all(), "alpha-CROWN bound above a margin reached in the ball"
+    assert (alpha >= crown - 1e-5).all()
+    assert (alpha - crown).mean() > 1e-3, "optimising the slopes tightened nothing"
+    assert all(p.grad is None for p in net.parameters()) and not net.training
+
+
+def test_alpha_crown_lies_between_crown_and_the_exact_minimum():
+    pytest.importorskip("scipy")
+    from advmnist.exact import verify
+
+    net = _tiny_net()
+    for x in _points(net):
+        y = int(net(x).argmax())
+        exact = verify(net, x, y, 0.05)
+        alpha = alpha_crown_margins(net, x, torch.tensor([y]), 0.05).min().item()
+        assert crown_margins(net, x, torch.tensor([y]), 0.05).min().item() <= alpha + 1e-6
+        if exact.status == "robust":
+            assert alpha <= exact.min_margin + 1e-5
+
+
+def test_alpha_crown_at_eps_zero_is_the_margin_and_refuses_what_crown_refuses():
+    net = _random_net("conv", seed=5)
+    x, y = torch.rand(3, 1, 8, 8), torch.tensor([1, 4, 7])
+    with torch.no_grad():
+        logits = net(x)
+    exact = logits.gather(1, y[:, None]) - logits
+    exact = exact[torch.arange(10)[None] != y[:, None]].view(3, 9)
+    assert torch.allclose(alpha_crown_margins(net, x, y, 0.0, steps=3), exact, atol=1e-4)
+    with pytest.raises(BoundError, match="max pooling"):
+        alpha_crown_margins(_random_net("pool", 0), x, y, 0.1)
+    with pytest.raises(BoundError, match="steps"):
+        alpha_crown_margins(net, x, y, 0.1, steps=-1)
+
+
+COMMON = dict(eps=0.02, ensemble="quick", steps=5, queries=40, check_n=10)
+
+
+@pytest.fixture(scope="module")
+def plain_mlp(mnist):
+    """A perceptron after one plain epoch on 2,000 images, 40 test images and its default evaluation."""
+    torch.manual_seed(0)
+    data = mnist.subset(2000, 200)
+    net = create_model("mlp")
+    fit(net, data, resolve_recipe("mlp", epochs=1), seed=0)
+    net.eval()
+    x, y = data.test_x[:40], data.test_y[:40]
+    return net, x, y, advmnist.robust_accuracy(net, x, y, **COMMON)
+
+
+@pytest.mark.parametrize("bound", ["alpha-crown", "bab"])
+def test_the_evaluation_refines_only_open_images_and_keeps_certified_below_attacked(plain_mlp, bound, monkeypatch):
+    """On a plainly trained perceptron CROWN-IBP certifies little at eps 0.02; alpha-CROWN (then
+    branch and bound) on the images no attack broke certifies more, counted in the interval, and
+    never an image an attack broke."""
+    import advmnist.evaluation as evaluation
+
+    monkeypatch.setattr(evaluation, "BAB_DOMAINS", 16)
+    net, x, y, auto = plain_mlp
+    common = COMMON
+    alpha = advmnist.robust_accuracy(net, x, y, bound=bound, **common)
+    assert alpha.robust_accuracy == auto.robust_accuracy  # the attacks are the same; only the bound changed
+    refined = alpha.certified.refined
+    broken = len(alpha.not_robust)
+    assert refined["open"] == 40 - broken - auto.certified.certified_count
+    assert refined["certified"] >= 1
+    assert alpha.certified.certified_count == auto.certified.certified_count + refined["certified"]
+    assert alpha.certified.method == auto.certified.method + ("+alpha-crown" if bound == "alpha-crown" else
+                                                             "+alpha-crown+bab")
+    if bound == "bab":
+        assert refined["by_alpha_crown"] + refined["by_bab"] == refined["certified"]
+        assert refined["branched"] == refined["open"] - refined["by_alpha_crown"]
+    assert alpha.certified.certified_accuracy <= alpha.robust_accuracy
+    assert alpha.interval == [alpha.certified.certified_accuracy, alpha.robust_accuracy]
+    assert auto.certified.refined is None
+
+
+def test_a_model_alpha_crown_cannot_bound_keeps_its_first_certificate(mnist):
+    """Max pooling: IBP certified what it could, alpha-CROWN says why it did not run, nothing is lost."""
+    from advmnist.evaluation import refine_open
+
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 13 * 13, 10)).eval()
+    x, y = mnist.test_x[:6], mnist.test_y[:6]
+    certificate = {"method": "ibp", "certified_accuracy": 50.0, "certified_count": 3, "seconds": 0.1}
+    mask = torch.tensor([True, True, True, False, False, False])
+    refine_open(net, x, y, 0.01, certificate, mask, torch.ones(6, dtype=torch.bool))
+    assert certificate["method"] == "ibp" and certificate["certified_count"] == 3 and mask.sum() == 3
+    assert "max pooling" in certificate["refined"]["skipped"]
+
+
+def test_nothing_open_leaves_the_certificate_as_it_was():
+    from advmnist.evaluation import refine_open
+
+    net = _random_net("conv", seed=0)
+    certificate = {"method": "ibp+crown-ibp", "certified_accuracy": 50.0, "certified_count": 1, "seconds": 0.1}
+    refine_open(net, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1, certificate, torch.tensor([True, False]),
+                torch.tensor([True, False]), method="bab")
+    assert certificate["method"] == "ibp+crown-ibp"
+    assert certificate["refined"] == {"method": "alpha-crown+bab", "open": 0, "certified": 0}
+
+
+def test_an_unknown_bound_is_refused_in_one_line():
+    net = _random_net("mlp", seed=0)
+    with pytest.raises(AdvmnistError, match="unknown bound 'alpha'"):
+        robust_evaluate_model(net, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), eps=0.1,
+                                                  bound="alpha")
+
+
+# ---------------------------------------------------------------- branch and bound
+
+
+def _grid_points(net, n: int = 9):
+    g = torch.linspace(0.1, 0.9, n)
+    xs = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).view(-1, 2)
+    with torch.no_grad():
+        return xs, net(xs).argmax(1)
+
+
+def test_branch_and_bound_proves_more_than_alpha_crown_and_only_what_is_true():
+    """On a 9x9 grid of the tiny net at eps 0.1, every point branch and bound proves is robust by the
+    exact MILP, and it proves points alpha-CROWN alone cannot."""
+    pytest.importorskip("scipy")
+    from advmnist.branching import branch_margins
+    from advmnist.exact import verify
+
+    net = _tiny_net()
+    xs, ys = _grid_points(net)
+    eps = 0.1
+    alpha = certified(alpha_crown_margins(net, xs, ys, eps))
+    bab = branch_margins(net, xs, ys, eps, time_limit=60)
+    exact = torch.tensor([verify(net, xs[i:i + 1], int(ys[i]), eps).status == "robust" for i in range(len(xs))])
+    assert not (bab & ~exact).any(), "branch and bound proved a point the MILP finds not robust"
+    assert (bab | ~alpha).all(), "branch and bound lost a proof alpha-CROWN had"
+    assert (bab & ~alpha).sum() >= 1
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv", "res"])
+def test_branch_and_bound_never_proves_a_margin_an_attack_breaks(kind):
+    from advmnist.branching import branch_margins
+
+    net = _random_net(kind, seed=3)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(6) % 10
+    for eps in (0.005, 0.02):
+        seen = _sampled_min_margins(net, x, y, eps).min(1).values
+        proven = branch_margins(net, x, y, eps, domains=64, time_limit=20)
+        assert not (proven & (seen <= 0)).any()
+        assert (proven | ~certified(crown_margins(net, x, y, eps))).all()
+
+
+def test_branch_and_bound_refuses_bad_limits():
+    from advmnist.branching import branch_margins
+
+    with pytest.raises(BoundError, match="domains >= 1"):
+        branch_margins(_tiny_net(), torch.rand(1, 2), torch.tensor([0]), 0.1, domains=0)

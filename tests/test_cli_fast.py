@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_static_names_equal_the_registries():
-    from advmnist import models, robustness, train
+    from advmnist import evaluation, models, robustness, train
     from advmnist.attacks import list_attacks
 
     assert list(names.MODELS) == models.list_models()
@@ -27,6 +27,7 @@ def test_static_names_equal_the_registries():
     assert tuple(names.ADVERSARIAL_METHODS) == tuple(train.ADVERSARIAL_METHODS)
     assert tuple(names.SCHEDULES) == tuple(models.SCHEDULES)
     assert list(names.ENSEMBLES) == list(robustness.ENSEMBLES)
+    assert tuple(names.BOUNDS) == tuple(evaluation.BOUNDS)
 
 
 def _fresh(code: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

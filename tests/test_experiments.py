@@ -260,3 +260,19 @@ def test_certified_spec_shows_the_interval_and_its_curve(tmp_path, small):
     assert "certified / attacked (%), 100 test images (a subset)" in page
     assert (tmp_path / "experiments" / "results" / "cert_interval.png").stat().st_size > 10_000
     assert "![certified and attacked accuracy against eps](cert_interval.png)" in page
+
+
+def test_a_spec_bound_reaches_the_command_and_the_cache_key(small):
+    """`bound` in [robust] is on the page's command and in the cache key, except auto, whose key stays
+    what it was before the field existed (cached evaluations stay valid)."""
+    import dataclasses
+
+    from advmnist.experiments.page import robust_command
+    from advmnist.experiments.runner import _key, _robust_name
+    from advmnist.experiments.spec import NOT_IN_KEY, Robust
+
+    assert robust_command(Robust(bound="bab")).endswith("--limit 0 --bound bab")
+    assert "--bound" not in robust_command(Robust())
+    before = {k: v for k, v in dataclasses.asdict(Robust()).items() if k not in NOT_IN_KEY and k != "bound"}
+    assert _robust_name(Robust(), 0, small) == f"robust-{_key({**before, 'seed': 0, 'data': small.checksum})}.json"
+    assert _robust_name(Robust(bound="bab"), 0, small) != _robust_name(Robust(), 0, small)

@@ -171,6 +171,8 @@ def robust_command(r: Robust) -> str:
         parts.append(f"--check-n {r.check_n}")
     if not r.certify:
         parts.append("--no-certify")
+    elif r.bound != "auto":
+        parts.append(f"--bound {r.bound}")
     return " ".join(parts)
 
 

@@ -300,7 +300,8 @@ def _attack(run: Path, data: MNIST, a: AttackEval, params: dict, seed: int, devi
 
 
 def _robust_name(r: Robust, seed: int, data: MNIST) -> str:
-    key = {k: v for k, v in dataclasses.asdict(r).items() if k not in NOT_IN_KEY}
+    key = {k: v for k, v in dataclasses.asdict(r).items()
+           if k not in NOT_IN_KEY and not (k == "bound" and v == "auto")}  # auto: the keys cached before --bound
     return f"robust-{_key({**key, 'seed': seed, 'data': data.checksum})}.json"
 
 
@@ -314,7 +315,7 @@ def _robust_record(run: Path, data: MNIST, r: Robust, seed: int, log, device: st
         return robust_evaluate_run(run, data, eps=r.eps, ensemble=r.ensemble, attacks=list(r.attacks) or None,
                                    steps=r.steps, restarts=r.restarts, queries=r.queries, norm=r.norm,
                                    alone=r.alone, limit=r.limit or None, check_n=r.check_n, certify=r.certify,
-                                   seed=seed, device=device, log=lambda m: log(f"  {m}"), write=False)
+                                   bound=r.bound, seed=seed, device=device, log=lambda m: log(f"  {m}"), write=False)
 
     path = run / "attack-cache" / _robust_name(r, seed, data)
     rec = _cached(path, compute)

@@ -63,6 +63,7 @@ class Robust:
     limit: int = 0  # the first N test images; 0: all of them
     check_n: int = 1000  # images for the masking checks
     certify: bool = True  # also certified accuracy (advmnist.bounds): the true value is then an interval
+    bound: str = "auto"  # the certified bound (advmnist.evaluation.BOUNDS); alpha-crown refines what attacks leave
     curve: tuple[float, ...] = ()  # more eps values for an accuracy-vs-eps table and plot (first seed)
     curve_limit: int = 0  # images for the curve's points; 0: as `limit`
 
