@@ -799,17 +799,24 @@ def alpha_crown_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     """
     if steps < 0:
         raise BoundError(f"alpha-CROWN steps must be >= 0, got {steps}")
+    layers, rows, pre, box = margin_rows(model, x, y, eps, memory)
+    best, _ = slope_bound(layers, pre, rows, box, steps=steps, lr=lr)
+    return best.view(len(x), -1)
+
+
+def margin_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, memory: int = 2 ** 27):
+    """The layers and, one row per (example, margin), the margin's spec (R, 1, classes), full CROWN's
+    pre-activation bounds of every ReLU and the input box: what `slope_bound` takes, so that each
+    margin gets its own slopes (alpha-CROWN) or its own parts (`branching.branch_margins`)."""
     layers = bound_layers(model, x)
     box = input_box(x, eps)
     with torch.no_grad():
         pre = _preactivations(layers, box, "crown", memory)
     spec = _spec(layers, x, y)
-    n, k = spec.shape[:2]
-    rows = spec.reshape(n * k, 1, spec.shape[2])  # one margin per row, so each gets its own slopes
+    k = spec.shape[1]
     each = {i: (lo.repeat_interleave(k, 0), hi.repeat_interleave(k, 0)) for i, (lo, hi) in pre.items()}
-    best, _ = slope_bound(layers, each, rows, (box[0].repeat_interleave(k, 0), box[1].repeat_interleave(k, 0)),
-                          steps=steps, lr=lr)
-    return best.view(n, k)
+    return layers, spec.reshape(-1, 1, spec.shape[2]), each, (box[0].repeat_interleave(k, 0),
+                                                             box[1].repeat_interleave(k, 0))
 
 
 def slope_bound(layers: list[Layer], pre: dict, rows: torch.Tensor, box, *, steps: int = 40, lr: float = 0.1,

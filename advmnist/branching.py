@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from .bounds import TOLERANCE, BoundError, _preactivations, _spec, bound_layers, input_box, slope_bound
+from .bounds import TOLERANCE, BoundError, margin_rows, slope_bound
 
 
 def branch_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, domains: int = 512,
@@ -33,28 +33,22 @@ def branch_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     if domains < 1 or batch < 1 or steps < 0:
         raise BoundError(f"branching needs domains >= 1, batch >= 1 and steps >= 0, got {domains}, {batch}, {steps}")
     start = time.perf_counter()
-    layers = bound_layers(model, x)
-    box = input_box(x, eps)
-    with torch.no_grad():
-        pre = _preactivations(layers, box, "crown", memory)
-    spec = _spec(layers, x, y)
-    n, k = spec.shape[:2]
+    layers, rows_all, pre, (box_lo, box_hi) = margin_rows(model, x, y, eps, memory)
+    n, k = len(x), len(rows_all) // len(x)
     relu_ids = sorted(pre)
     # the queue: one row per part, its margin (image * k + j) and its pre-activation bounds
     owner = torch.arange(n * k, device=x.device)
-    lows = {i: lo.repeat_interleave(k, 0) for i, (lo, _) in pre.items()}
-    highs = {i: hi.repeat_interleave(k, 0) for i, (_, hi) in pre.items()}
+    lows = {i: lo for i, (lo, _) in pre.items()}
+    highs = {i: hi for i, (_, hi) in pre.items()}
     signs = {i: torch.zeros(lo.shape, dtype=torch.int8, device=x.device) for i, lo in lows.items()}
     open_margin = torch.ones(n * k, dtype=torch.bool, device=x.device)  # not yet proven
     failed = torch.zeros(n * k, dtype=torch.bool, device=x.device)
     used = torch.zeros(n * k, dtype=torch.long, device=x.device)
-    rows_all, box_lo, box_hi = spec.reshape(n * k, 1, -1), box[0], box[1]
     while len(owner) and time.perf_counter() - start < time_limit:
         take = slice(0, batch)
         who = owner[take]
         part_pre = {i: (lows[i][take], highs[i][take]) for i in relu_ids}
-        image = who // k
-        bound, cost = slope_bound(layers, part_pre, rows_all[who], (box_lo[image], box_hi[image]), steps=steps,
+        bound, cost = slope_bound(layers, part_pre, rows_all[who], (box_lo[who], box_hi[who]), steps=steps,
                                   scores=True, splits={i: signs[i][take] for i in relu_ids})
         part_signs = {i: signs[i][take] for i in relu_ids}
         used.index_add_(0, who, torch.ones_like(who))
